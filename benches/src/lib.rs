@@ -1,0 +1,1 @@
+//! Benchmarks of coroipc-rs: criterion benches in `benches/`; the `coroipc-bench` tool will live here.

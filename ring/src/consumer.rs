@@ -1,0 +1,304 @@
+//! The consumer end, shared by SPSC and MPSC rings (one record format).
+//!
+//! Reading is zero-copy: [`Consumer::try_peek`] validates the next record and
+//! returns a [`ReadGrant`] over its payload; [`ReadGrant::release`] gives the
+//! space back. Copying helpers sit on top.
+
+use std::sync::Arc;
+
+use crate::error::{Corruption, PopError, RingAttachError};
+use crate::flow::{FlowChange, FlowState};
+use crate::header::{align8, RingRef, RECORD_HEADER};
+use crate::record::{Kind, RecordHeader};
+use crate::region::Region;
+use crate::sync::{fence, Ordering};
+use crate::wait::WaitPoint;
+
+/// The reading end of a ring. `Send`, not `Sync`: one consumer per ring.
+#[derive(Debug)]
+pub struct Consumer {
+    ring: RingRef,
+    /// Local consumer position: start of the next unread record. Equal to
+    /// the shared `head` except between a padding skip and its publication.
+    /// Invariant: `head <= tail_cache`, `tail_cache - head <= capacity`.
+    head: u64,
+    /// Last validated producer position.
+    tail_cache: u64,
+}
+
+/// A record borrowed from the ring: valid until released or dropped.
+///
+/// Dropping the grant without [`release`](ReadGrant::release) leaves the
+/// record in the ring: the next peek returns it again.
+#[derive(Debug)]
+pub struct ReadGrant<'a> {
+    consumer: &'a mut Consumer,
+    /// Index of the payload in the data area.
+    offset: usize,
+    len: usize,
+    /// Consumer position after this record.
+    next: u64,
+}
+
+impl Consumer {
+    /// Attaches to the ring at `region[offset..offset + len]`.
+    ///
+    /// # Errors
+    ///
+    /// [`RingAttachError`] if the header is not a valid ring.
+    pub fn attach(region: Arc<dyn Region>, offset: usize, len: usize) -> Result<Self, RingAttachError> {
+        let ring = RingRef::attach(region, offset, len)?;
+        let head = ring.header().head.0.load(Ordering::Acquire);
+        let tail = ring.header().tail.0.load(Ordering::Acquire);
+        if tail.wrapping_sub(head) > ring.layout.capacity || head % 8 != 0 || tail % 8 != 0 {
+            return Err(RingAttachError::BadPositions { head, tail });
+        }
+        Ok(Self { ring, head, tail_cache: tail })
+    }
+
+    /// Data area size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.ring.layout.capacity
+    }
+
+    /// Largest record payload the ring carries.
+    pub fn max_record(&self) -> u64 {
+        self.ring.layout.max_record
+    }
+
+    /// Reloads and validates the producer position (sync point TAIL).
+    #[inline]
+    fn load_tail(&mut self) -> Result<u64, Corruption> {
+        // SYNC TAIL: pairs with the producer's Release store; makes the
+        // published records visible.
+        let tail = self.ring.header().tail.0.load(Ordering::Acquire);
+        if tail.wrapping_sub(self.head) > self.ring.layout.capacity || tail % 8 != 0 {
+            return Err(Corruption::Tail { head: self.head, tail });
+        }
+        self.tail_cache = tail;
+        Ok(tail)
+    }
+
+    /// Whether a record (or padding) is published. Never blocks.
+    ///
+    /// # Errors
+    ///
+    /// [`Corruption`] if the producer position is invalid.
+    #[inline]
+    pub fn has_data(&mut self) -> Result<bool, Corruption> {
+        if self.head != self.tail_cache {
+            return Ok(true);
+        }
+        Ok(self.load_tail()? != self.head)
+    }
+
+    /// Bytes published and not yet released (records, headers and padding),
+    /// as of the last look at the producer position.
+    pub fn pending_bytes(&self) -> u64 {
+        self.tail_cache - self.head
+    }
+
+    /// Validates and returns the next record without consuming it.
+    ///
+    /// Every word read from the ring is read once and checked: an
+    /// invalid position, kind or length is a [`PopError::Corrupt`]. Padding
+    /// records are skipped (and their space released); at most one
+    /// capacity's worth per call, so a hostile producer cannot keep this
+    /// call looping.
+    ///
+    /// # Errors
+    ///
+    /// [`PopError::Empty`] if nothing is published, [`PopError::Corrupt`]
+    /// if the producer wrote something invalid.
+    #[inline]
+    pub fn try_peek(&mut self) -> Result<ReadGrant<'_>, PopError> {
+        let layout = self.ring.layout;
+        if self.head == self.tail_cache {
+            self.load_tail().map_err(PopError::Corrupt)?;
+        }
+        loop {
+            let available = self.tail_cache - self.head;
+            if available == 0 {
+                return Err(PopError::Empty);
+            }
+            let index = self.head & layout.mask;
+            let word = RecordHeader::decode(self.ring.data.load_word(index as usize));
+            let len = u64::from(word.len);
+            let size = RECORD_HEADER + align8(len);
+            if index + size > layout.capacity {
+                return Err(PopError::Corrupt(Corruption::RecordCrossesEnd { index, size }));
+            }
+            if size > available {
+                return Err(PopError::Corrupt(Corruption::RecordPastTail { size, available }));
+            }
+            match Kind::from_word(word.kind) {
+                Some(Kind::Data) => {
+                    if len > layout.max_record {
+                        return Err(PopError::Corrupt(Corruption::RecordTooLong(len)));
+                    }
+                    let next = self.head + size;
+                    return Ok(ReadGrant {
+                        offset: (index + RECORD_HEADER) as usize,
+                        len: len as usize,
+                        next,
+                        consumer: self,
+                    });
+                }
+                Some(Kind::Padding) => {
+                    // Bounded: each skip consumes >= 8 published bytes and the
+                    // tail is not reloaded inside this loop.
+                    self.head += size;
+                    let _ = self.publish_head();
+                }
+                None => return Err(PopError::Corrupt(Corruption::RecordKind(word.kind))),
+            }
+        }
+    }
+
+    /// Copies the next record into `buf` and releases it; returns its length.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_peek`](Self::try_peek), plus [`PopError::BufferTooSmall`]
+    /// (the record stays in the ring).
+    pub fn try_pop(&mut self, buf: &mut [u8]) -> Result<usize, PopError> {
+        let grant = self.try_peek()?;
+        let n = grant.len();
+        if n > buf.len() {
+            return Err(PopError::BufferTooSmall { needed: n });
+        }
+        grant.copy_to(&mut buf[..n]);
+        let _ = grant.release();
+        Ok(n)
+    }
+
+    /// Copies the next record into a new `Vec` and releases it.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_peek`](Self::try_peek).
+    pub fn try_pop_vec(&mut self) -> Result<Vec<u8>, PopError> {
+        let grant = self.try_peek()?;
+        let v = grant.to_vec();
+        let _ = grant.release();
+        Ok(v)
+    }
+
+    /// Stores the local position (sync point HEAD) and runs the consumer half
+    /// of the flow-control handshake.
+    #[inline]
+    fn publish_head(&mut self) -> FlowChange {
+        // SYNC HEAD: pairs with the producers' Acquire load; our reads of the
+        // released bytes happen before they are overwritten.
+        self.ring.header().head.0.store(self.head, Ordering::Release);
+        let Some(w) = self.ring.layout.watermarks else {
+            return FlowChange::None;
+        };
+        // SYNC FLOW: orders the head store before the state load; pairs with
+        // the producer's fence between raising and re-reading head.
+        fence(Ordering::SeqCst);
+        if FlowState::from_word(self.ring.header().flow.0.load(Ordering::Relaxed)) == FlowState::Off {
+            return FlowChange::None;
+        }
+        let fill = match self.load_tail() {
+            Ok(tail) => tail - self.head,
+            Err(_) => return FlowChange::None, // reported by the next peek
+        };
+        if fill <= w.low
+            && self
+                .ring
+                .header()
+                .flow
+                .0
+                .compare_exchange(
+                    FlowState::On as u32,
+                    FlowState::Off as u32,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return FlowChange::Cleared;
+        }
+        FlowChange::None
+    }
+
+    /// The flow-control state in the shared header.
+    pub fn flow_state(&self) -> FlowState {
+        FlowState::from_word(self.ring.header().flow.0.load(Ordering::Relaxed))
+    }
+
+    /// Where this consumer sleeps waiting for data (producers notify it).
+    pub fn data_wait(&self) -> WaitPoint<'_> {
+        WaitPoint::new(&self.ring.header().data_wait.0)
+    }
+
+    /// Where producers sleep waiting for space; call
+    /// [`WaitPoint::notify`] on it after releasing records.
+    pub fn space_wait(&self) -> WaitPoint<'_> {
+        WaitPoint::new(&self.ring.header().space_wait.0)
+    }
+}
+
+impl ReadGrant<'_> {
+    /// Payload length in bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the payload into `dst`.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `dst.len() != self.len()`.
+    #[inline]
+    pub fn copy_to(&self, dst: &mut [u8]) {
+        assert_eq!(dst.len(), self.len, "destination length must equal the record length");
+        self.consumer.ring.data.read(self.offset, dst);
+    }
+
+    /// Copies the payload into a new `Vec`.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = vec![0; self.len];
+        self.copy_to(&mut v);
+        v
+    }
+
+    /// The payload in place, without copying.
+    ///
+    /// # Safety
+    ///
+    /// The bytes live in memory the producer's process can write. The caller
+    /// must ensure the producer does not write them while the slice lives —
+    /// true for any producer that follows the protocol, which never touches a
+    /// published record before it is released. Against a hostile producer
+    /// copy the payload out with [`copy_to`](Self::copy_to) instead.
+    #[cfg(not(coroipc_loom))]
+    #[allow(unsafe_code)]
+    #[inline]
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        let ptr = self.consumer.ring.data.ptr(self.offset, self.len);
+        // SAFETY: in bounds (checked by `ptr`), valid while the grant borrows
+        // the consumer (which keeps the region alive); stability is the
+        // caller's promise.
+        unsafe { std::slice::from_raw_parts(ptr, self.len) }
+    }
+
+    /// Consumes the record: its space goes back to the producer.
+    ///
+    /// Returns [`FlowChange::Cleared`] if this release switched flow control
+    /// off. Does not wake a sleeping producer: call
+    /// [`Consumer::space_wait`]`().notify(..)` for that.
+    #[inline]
+    pub fn release(self) -> FlowChange {
+        self.consumer.head = self.next;
+        self.consumer.publish_head()
+    }
+}

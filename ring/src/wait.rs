@@ -1,0 +1,151 @@
+//! The wait/wake protocol, written once and generic over a [`Notify`]
+//! backend: futexes and eventfds in `coroipc-transport`, a Mutex+Condvar
+//! stand-in under loom.
+//!
+//! A wait point is two shared words: `waiters` (how many sleepers announced
+//! themselves) and `epoch` (the futex word, bumped by each notification that
+//! found a waiter).
+//!
+//! | step | waiter                                   | notifier                                  |
+//! |------|------------------------------------------|-------------------------------------------|
+//! | 1    | `e = epoch` (Acquire)                    | publish (ring store, Release)             |
+//! | 2    | `waiters += 1`                           | `fence(SeqCst)`                           |
+//! | 3    | `fence(SeqCst)`                          | `w = waiters`                             |
+//! | 4    | re-check the condition; if true: `waiters -= 1`, done | if `w == 0`: done — no syscall |
+//! | 5    | sleep while `epoch == e`                 | `epoch += 1` (Release), wake all          |
+//! | 6    | `waiters -= 1`, re-check, loop            |                                           |
+//!
+//! **No lost wake-up.** The two SeqCst fences (sync point ANNOUNCE) order
+//! step 2 of the waiter and step 1 of the notifier: if the notifier reads
+//! `w == 0` at step 3, the waiter's increment comes after the notifier's
+//! fence, so the waiter's re-check (step 4) sees the published data and does
+//! not sleep. If the notifier reads `w > 0` it bumps `epoch` after reading
+//! `waiters`, hence after the waiter read `e`, so the waiter's sleep at step 5
+//! returns at once or is woken.
+//!
+//! **No syscall when nobody sleeps:** the notifier's fast path is one fence
+//! and one load of a line nobody writes. **Hostile peers** can write both
+//! words: a bogus `waiters` only costs extra wake calls, a bogus `epoch` only
+//! spurious returns; a waiter never trusts a wake-up, it re-checks.
+//! Modelled in `coroipc-verification` (`loom_wait`).
+
+use std::time::Duration;
+
+use crate::header::WaitWords;
+use crate::sync::{fence, AtomicU32, Ordering};
+
+/// A sleeping and waking backend for the wait protocol.
+pub trait Notify {
+    /// Sleeps while `*word == expected`, at most `timeout` (`None`: no
+    /// bound). May return early (spuriously); the protocol re-checks.
+    fn wait(&self, word: &AtomicU32, expected: u32, timeout: Option<Duration>);
+    /// Wakes every thread sleeping in [`wait`](Self::wait) on `word`.
+    fn wake(&self, word: &AtomicU32);
+}
+
+/// One side's wait point in a ring's shared header.
+#[derive(Clone, Copy, Debug)]
+pub struct WaitPoint<'a> {
+    words: &'a WaitWords,
+}
+
+/// Proof that a waiter announced itself; redeem it with
+/// [`WaitPoint::sleep`] or [`WaitPoint::cancel`].
+#[derive(Debug)]
+#[must_use = "an announced waiter must sleep or cancel, or notifiers keep paying for wake calls"]
+pub struct Announcement {
+    epoch: u32,
+}
+
+impl<'a> WaitPoint<'a> {
+    pub(crate) fn new(words: &'a WaitWords) -> Self {
+        Self { words }
+    }
+
+    /// Steps 1–3: announce the intention to sleep. The caller must re-check
+    /// its condition afterwards and then [`sleep`](Self::sleep) or
+    /// [`cancel`](Self::cancel).
+    #[inline]
+    pub fn announce(&self) -> Announcement {
+        let epoch = self.words.epoch.load(Ordering::Acquire);
+        self.words.waiters.fetch_add(1, Ordering::Relaxed);
+        // SYNC ANNOUNCE: pairs with the fence in `notify`.
+        fence(Ordering::SeqCst);
+        Announcement { epoch }
+    }
+
+    /// Withdraws an announcement (the re-check found the condition true).
+    #[inline]
+    pub fn cancel(&self, announcement: Announcement) {
+        let _ = announcement;
+        self.words.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Step 5–6: sleeps until notified (or `timeout`, or spuriously), then
+    /// withdraws the announcement. The caller re-checks its condition.
+    pub fn sleep<N: Notify + ?Sized>(
+        &self,
+        announcement: Announcement,
+        notifier: &N,
+        timeout: Option<Duration>,
+    ) {
+        notifier.wait(&self.words.epoch, announcement.epoch, timeout);
+        self.words.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// One complete wait: returns `true` at once if `ready()` holds,
+    /// otherwise announces, re-checks, sleeps once (bounded by `timeout`)
+    /// and returns `ready()`. Callers loop with their own deadline.
+    pub fn wait_once<N: Notify + ?Sized>(
+        &self,
+        notifier: &N,
+        mut ready: impl FnMut() -> bool,
+        timeout: Option<Duration>,
+    ) -> bool {
+        if ready() {
+            return true;
+        }
+        let a = self.announce();
+        #[cfg(coroipc_loom)]
+        let skip_recheck = crate::loom_teeth::SKIP_RECHECK.load(std::sync::atomic::Ordering::Relaxed);
+        #[cfg(not(coroipc_loom))]
+        let skip_recheck = false;
+        if !skip_recheck && ready() {
+            self.cancel(a);
+            return true;
+        }
+        self.sleep(a, notifier, timeout);
+        ready()
+    }
+
+    /// Whether any waiter announced itself (what `notify` checks).
+    #[inline]
+    pub fn has_waiters(&self) -> bool {
+        self.words.waiters.load(Ordering::Relaxed) != 0
+    }
+
+    /// The notifier's side, after publishing: wakes sleepers if any
+    /// announced themselves; otherwise costs a fence and a load. Returns
+    /// whether a wake call was made.
+    #[inline]
+    pub fn notify<N: Notify + ?Sized>(&self, notifier: &N) -> bool {
+        // SYNC ANNOUNCE: pairs with the fence in `announce`.
+        fence(Ordering::SeqCst);
+        if self.words.waiters.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.notify_slow(notifier);
+        true
+    }
+
+    #[cold]
+    fn notify_slow<N: Notify + ?Sized>(&self, notifier: &N) {
+        self.words.epoch.fetch_add(1, Ordering::Release);
+        notifier.wake(&self.words.epoch);
+    }
+
+    /// The futex word, for backends that sleep in the kernel on it.
+    pub fn epoch_word(&self) -> &'a AtomicU32 {
+        &self.words.epoch
+    }
+}

@@ -1,0 +1,1 @@
+//! Verification of coroipc-rs: loom models and proptest state machines live in `tests/`.
