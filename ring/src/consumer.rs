@@ -92,6 +92,16 @@ impl Consumer {
         Ok(self.load_tail()? != self.head)
     }
 
+    /// Whether the producer published anything past the local position,
+    /// without updating any cached state (usable while a [`WaitPoint`]
+    /// borrows the consumer). A corrupt producer position also counts as
+    /// ready, so that the caller's next `try_peek` reports it.
+    #[inline]
+    pub fn is_ready(&self) -> bool {
+        // SYNC TAIL (as in `load_tail`).
+        self.head != self.tail_cache || self.ring.header().tail.0.load(Ordering::Acquire) != self.head
+    }
+
     /// Bytes published and not yet released (records, headers and padding),
     /// as of the last look at the producer position.
     pub fn pending_bytes(&self) -> u64 {
@@ -102,8 +112,8 @@ impl Consumer {
     ///
     /// Every word read from the ring is read once and checked: an
     /// invalid position, kind or length is a [`PopError::Corrupt`]. Padding
-    /// records are skipped (and their space released); at most one
-    /// capacity's worth per call, so a hostile producer cannot keep this
+    /// records are skipped (and their space released); at most two
+    /// capacities' worth per call, so a hostile producer cannot keep this
     /// call looping.
     ///
     /// # Errors
@@ -113,13 +123,18 @@ impl Consumer {
     #[inline]
     pub fn try_peek(&mut self) -> Result<ReadGrant<'_>, PopError> {
         let layout = self.ring.layout;
-        if self.head == self.tail_cache {
-            self.load_tail().map_err(PopError::Corrupt)?;
-        }
+        // The tail is reloaded at most once per call, when everything seen
+        // so far is consumed: that bounds the loop below.
+        let mut reloaded = false;
         loop {
             let available = self.tail_cache - self.head;
             if available == 0 {
-                return Err(PopError::Empty);
+                if reloaded {
+                    return Err(PopError::Empty);
+                }
+                reloaded = true;
+                self.load_tail().map_err(PopError::Corrupt)?;
+                continue;
             }
             let index = self.head & layout.mask;
             let word = RecordHeader::decode(self.ring.data.load_word(index as usize));
@@ -145,8 +160,8 @@ impl Consumer {
                     });
                 }
                 Some(Kind::Padding) => {
-                    // Bounded: each skip consumes >= 8 published bytes and the
-                    // tail is not reloaded inside this loop.
+                    // Bounded: each skip consumes >= 8 published bytes, and
+                    // at most two captures of the tail are walked.
                     self.head += size;
                     let _ = self.publish_head();
                 }

@@ -140,16 +140,17 @@ impl Producer {
         Ok(WriteGrant { producer: self, plan, len })
     }
 
-    /// Whether a record with a `len`-byte payload fits now.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_reserve`](Self::try_reserve), but `Full` is `Ok(false)`.
-    pub fn has_space_for(&mut self, len: usize) -> Result<bool, PushError> {
-        match self.try_reserve(len) {
-            Ok(_) => Ok(true),
-            Err(PushError::Full) => Ok(false),
-            Err(e) => Err(e),
+    /// Whether a record with a `len`-byte payload fits now, without
+    /// updating any cached state (usable while a [`WaitPoint`] borrows the
+    /// producer). A corrupt consumer position counts as "fits", so that the
+    /// caller's next `try_reserve` reports it.
+    pub fn can_reserve(&self, len: usize) -> bool {
+        let plan = plan(&self.ring, self.tail, record_size(len as u64));
+        // SYNC HEAD (as in `load_head`).
+        let head = self.ring.header().head.0.load(Ordering::Acquire);
+        match check_head(&self.ring, head, self.tail) {
+            Ok(head) => self.tail - head + plan.advance <= self.ring.layout.capacity,
+            Err(_) => true,
         }
     }
 

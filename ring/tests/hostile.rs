@@ -1,0 +1,230 @@
+//! The peer is untrusted: every way it can corrupt the ring yields a typed
+//! error, never a panic, an out-of-bounds access or an endless loop.
+mod common;
+
+use common::*;
+use coroipc_ring::{
+    fuzz, Consumer, Corruption, PopError, Producer, PushError, RingAttachError, RingConfig, Watermarks,
+    RING_VERSION,
+};
+
+fn fresh() -> Ring {
+    Ring::new(RingConfig::new(1024).with_watermarks(Watermarks { high: 768, low: 256 }))
+}
+
+fn attach_error(ring: &Ring) -> RingAttachError {
+    let c = Consumer::attach(ring.region.clone(), 0, ring.size).expect_err("consumer must refuse");
+    let p = Producer::attach(ring.region.clone(), 0, ring.size).expect_err("producer must refuse");
+    assert_eq!(c, p, "both ends agree on what is wrong");
+    c
+}
+
+#[test]
+fn attach_rejects_each_corrupt_header_field() {
+    let r = fresh();
+    r.poke_u64(MAGIC, 0xdead_beef);
+    assert_eq!(attach_error(&r), RingAttachError::BadMagic(0xdead_beef));
+
+    let r = fresh();
+    r.poke_u32(VERSION, RING_VERSION + 1);
+    assert_eq!(
+        attach_error(&r),
+        RingAttachError::VersionMismatch { found: RING_VERSION + 1, expected: RING_VERSION }
+    );
+
+    let r = fresh();
+    r.poke_u32(FLAGS, 4);
+    assert_eq!(attach_error(&r), RingAttachError::UnknownFlags(4));
+
+    for bad in [0u64, 1000, 32, 1 << 50] {
+        let r = fresh();
+        r.poke_u64(CAPACITY, bad);
+        assert_eq!(attach_error(&r), RingAttachError::BadCapacity(bad), "capacity {bad}");
+    }
+
+    let r = fresh();
+    r.poke_u64(CAPACITY, 4096); // valid power of two, but larger than the region
+    assert!(matches!(attach_error(&r), RingAttachError::RegionTooSmall { .. }));
+
+    for bad in [0u64, 512, u64::MAX] {
+        let r = fresh();
+        r.poke_u64(MAX_RECORD, bad);
+        assert_eq!(attach_error(&r), RingAttachError::BadMaxRecord(bad), "max record {bad}");
+    }
+
+    let r = fresh();
+    r.poke_u64(LOW, 900); // low above high
+    assert_eq!(attach_error(&r), RingAttachError::BadWatermarks { high: 768, low: 900 });
+
+    let r = fresh();
+    r.poke_u64(HIGH, 4096); // high above capacity
+    assert!(matches!(attach_error(&r), RingAttachError::BadWatermarks { .. }));
+
+    for (head, tail) in [(8u64, 0u64), (0, 1032), (0, 4), (3, 8)] {
+        let r = fresh();
+        r.poke_u64(HEAD, head);
+        r.poke_u64(TAIL, tail);
+        assert_eq!(attach_error(&r), RingAttachError::BadPositions { head, tail });
+    }
+}
+
+#[test]
+fn attach_rejects_short_and_misaligned_spans() {
+    let r = fresh();
+    assert!(matches!(
+        Consumer::attach(r.region.clone(), 0, 100),
+        Err(RingAttachError::RegionTooSmall { .. })
+    ));
+    assert!(matches!(
+        Consumer::attach(r.region.clone(), 0, r.size - 8),
+        Err(RingAttachError::RegionTooSmall { .. })
+    ));
+    assert!(matches!(Consumer::attach(r.region.clone(), 8, r.size - 8), Err(RingAttachError::Misaligned)));
+    assert!(matches!(
+        Consumer::attach(r.region.clone(), usize::MAX, 2),
+        Err(RingAttachError::RegionTooSmall { .. })
+    ));
+}
+
+#[test]
+fn consumer_rejects_a_tail_behind_the_head_past_capacity_or_unaligned() {
+    for bad_tail in [u64::MAX - 7, 1024 + 8, 12, 1 << 62] {
+        let r = fresh();
+        let mut rx = r.consumer();
+        r.poke_u64(TAIL, bad_tail);
+        assert_eq!(
+            rx.try_peek().unwrap_err(),
+            PopError::Corrupt(Corruption::Tail { head: 0, tail: bad_tail }),
+            "tail {bad_tail}"
+        );
+        assert!(rx.has_data().is_err());
+    }
+}
+
+#[test]
+fn producer_rejects_a_head_ahead_of_the_tail_or_unaligned() {
+    for bad_head in [8u64, 4, u64::MAX - 2047] {
+        let r = Ring::new(RingConfig::new(128));
+        let mut tx = r.producer();
+        let _ = tx.try_push(&[0; 56]).unwrap();
+        let _ = tx.try_push(&[0; 56]).unwrap(); // full: the next push must read head
+        r.poke_u64(HEAD, bad_head);
+        let err = tx.try_push(&[1]).unwrap_err();
+        assert!(
+            matches!(err, PushError::Corrupt(Corruption::Head { .. }))
+                || (bad_head == 8 && err == PushError::Full),
+            "head {bad_head}: {err:?}"
+        );
+    }
+    // A head that claims more than everything was consumed.
+    let r = Ring::new(RingConfig::new(128));
+    let mut tx = r.producer();
+    let _ = tx.try_push(&[0; 56]).unwrap();
+    let _ = tx.try_push(&[0; 56]).unwrap();
+    r.poke_u64(HEAD, 1 << 40);
+    assert!(matches!(tx.try_push(&[1]), Err(PushError::Corrupt(Corruption::Head { .. }))));
+}
+
+#[test]
+fn consumer_rejects_bad_record_lengths_and_kinds() {
+    let data = u32::from_le_bytes(*b"DATA") as u64;
+    let padd = u32::from_le_bytes(*b"PADD") as u64;
+    let cases: &[(u64, &str)] = &[
+        ((data << 32) | 600, "longer than max record (504)"),
+        ((data << 32) | 0xffff_ffff, "huge"),
+        ((data << 32) | 250, "past the published tail"),
+        ((padd << 32) | 2000, "padding past the end"),
+        ((0x1234 << 32) | 8, "unknown kind"),
+        (0, "zeroed header"),
+    ];
+    for &(word, what) in cases {
+        let r = fresh();
+        let (mut tx, mut rx) = (r.producer(), r.consumer());
+        let _ = tx.try_push(&[0; 56]).unwrap();
+        r.poke_u64(DATA, word);
+        let err = rx.try_peek().unwrap_err();
+        assert!(matches!(err, PopError::Corrupt(_)), "{what}: {err:?}");
+        // The consumer stays usable for the caller to inspect; no panic on repeat.
+        assert!(matches!(rx.try_pop(&mut [0; 8]), Err(PopError::Corrupt(_))), "{what} again");
+    }
+}
+
+#[test]
+fn zero_and_odd_lengths_are_accepted_when_consistent() {
+    let data = u32::from_le_bytes(*b"DATA") as u64;
+    for len in [0u64, 1, 3, 7] {
+        let r = fresh();
+        let (mut tx, mut rx) = (r.producer(), r.consumer());
+        let _ = tx.try_push(&[5; 8]).unwrap(); // 16 bytes published
+        r.poke_u64(DATA, (data << 32) | len); // a shorter record inside the span
+        let g = rx.try_peek().expect("a consistent shorter record is not corruption");
+        assert_eq!(g.len() as u64, len);
+    }
+}
+
+#[test]
+fn a_hostile_producer_cannot_keep_the_consumer_looping() {
+    // A ring full of padding records: one peek skips at most what was
+    // published when it started, then reports Empty.
+    let r = Ring::new(RingConfig::new(1024));
+    let mut rx = r.consumer();
+    let padd = u32::from_le_bytes(*b"PADD") as u64;
+    for i in 0..128 {
+        r.poke_u64(DATA + i * 8, padd << 32);
+    }
+    r.poke_u64(TAIL, 1024);
+    assert_eq!(rx.try_peek().unwrap_err(), PopError::Empty);
+    assert_eq!(r.peek_u64(HEAD), 1024, "skipped padding is released");
+}
+
+#[test]
+fn hostile_wait_and_flow_words_cost_only_spurious_work() {
+    let r = fresh();
+    let (mut tx, mut rx) = (r.producer(), r.consumer());
+    r.poke_u32(DATA_WAITERS, u32::MAX);
+    r.poke_u32(FLOW, 0xabcd);
+    let _ = tx.try_push(b"still works").unwrap();
+    assert_eq!(rx.try_pop_vec().unwrap(), b"still works");
+    assert_eq!(rx.flow_state(), coroipc_ring::FlowState::On, "garbage reads as on (conservative)");
+}
+
+#[test]
+fn random_byte_flips_in_a_live_ring_never_panic() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..300 {
+        let r = fresh();
+        let (mut tx, mut rx) = (r.producer(), r.consumer());
+        let mtx = r.mpsc();
+        let mut buf = [0u8; 600];
+        for step in 0..200 {
+            match rng.below(5) {
+                0 => {
+                    let at = rng.below(r.size as u64) as usize;
+                    r.poke_u8(at, rng.next_u64() as u8);
+                }
+                1 => {
+                    let _ = tx.try_push(&buf[..rng.below(600) as usize]);
+                }
+                2 => {
+                    let _ = mtx.try_push(&buf[..rng.below(600) as usize]);
+                }
+                _ => {
+                    if let Ok(n) = rx.try_pop(&mut buf) {
+                        assert!(n <= 504, "round {round} step {step}: record over max");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fuzz_harnesses_survive_pseudo_random_inputs() {
+    let mut rng = Rng(42);
+    for _ in 0..400 {
+        let len = rng.below(2048) as usize;
+        let input: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        fuzz::ring_ops(&input);
+        fuzz::ring_hostile(&input);
+    }
+}
