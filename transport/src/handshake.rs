@@ -673,8 +673,9 @@ impl ServerReply {
 
 /// Fuzzing harness: decodes `data` as both message kinds and, for whatever
 /// decodes, checks the invariants the decoders promise (exact re-encoding,
-/// validated layout). Panics on a violated invariant; called by the
-/// `handshake_decode` cargo-fuzz target and by this module's tests.
+/// validated layout). Panics on a violated invariant; meant to be the whole
+/// body of a cargo-fuzz target (e.g. `handshake_decode`), and run by this
+/// module's tests on bit-flipped and pseudo-random input.
 #[doc(hidden)]
 pub fn fuzz_decode(data: &[u8]) {
     match ClientHello::decode(data) {

@@ -32,8 +32,9 @@ use std::str::FromStr;
 
 use rustix::io::Errno;
 use rustix::net::{
-    recvmsg, send, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
-    SendAncillaryBuffer, SendAncillaryMessage, SendFlags,
+    connect, recvmsg, send, sendmsg, socket_with, AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage,
+    RecvFlags, ReturnFlags, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketAddrUnix,
+    SocketFlags, SocketType,
 };
 
 pub use crate::peercred::{peer_credentials, PeerCred};
@@ -265,13 +266,26 @@ impl Drop for Listener {
 }
 
 /// Whether `path` is a socket file on which nobody listens.
+///
+/// The probe connects without blocking: a live server whose accept backlog
+/// is full answers `EAGAIN` (live, not stale) instead of stalling our bind.
 fn is_stale_socket(path: &Path) -> bool {
     let is_socket = std::fs::symlink_metadata(path).map(|m| m.file_type().is_socket()).unwrap_or(false);
-    is_socket
-        && matches!(
-            UnixStream::connect(path),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
-        )
+    if !is_socket {
+        return false;
+    }
+    let Ok(addr) = SocketAddrUnix::new(path) else {
+        return false;
+    };
+    let Ok(probe) = socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    ) else {
+        return false;
+    };
+    connect(&probe, &addr) == Err(Errno::CONNREFUSED)
 }
 
 /// A connected Unix stream socket (close-on-exec).
@@ -604,10 +618,26 @@ mod tests {
     use std::os::unix::ffi::OsStrExt;
     use std::time::{Duration, Instant};
 
-    fn temp_socket_path(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("coroipc-socket-test-{}-{tag}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir.join("s.sock")
+    /// A socket path in a fresh private directory, removed on drop.
+    struct TempSock {
+        dir: PathBuf,
+        path: PathBuf,
+    }
+
+    impl TempSock {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("coroipc-socket-test-{}-{tag}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("s.sock");
+            Self { dir, path }
+        }
+    }
+
+    impl Drop for TempSock {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 
     fn accept_within(listener: &Listener, limit: Duration) -> Stream {
@@ -667,8 +697,8 @@ mod tests {
 
     #[test]
     fn path_listener_unlinks_on_drop() {
-        let path = temp_socket_path("unlink");
-        let _ = std::fs::remove_file(&path);
+        let tmp = TempSock::new("unlink");
+        let path = tmp.path.clone();
         let listener = Listener::bind(&Endpoint::Path(path.clone())).unwrap();
         assert!(path.exists());
         drop(listener);
@@ -677,8 +707,8 @@ mod tests {
 
     #[test]
     fn stale_socket_file_is_replaced() {
-        let path = temp_socket_path("stale");
-        let _ = std::fs::remove_file(&path);
+        let tmp = TempSock::new("stale");
+        let path = tmp.path.clone();
         // std's listener leaves its socket file behind: a dead server.
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
@@ -694,8 +724,8 @@ mod tests {
 
     #[test]
     fn live_socket_is_not_stolen() {
-        let path = temp_socket_path("live");
-        let _ = std::fs::remove_file(&path);
+        let tmp = TempSock::new("live");
+        let path = tmp.path.clone();
         let ep = Endpoint::Path(path.clone());
         let first = Listener::bind(&ep).unwrap();
         let err = Listener::bind(&ep).unwrap_err();
@@ -706,8 +736,41 @@ mod tests {
     }
 
     #[test]
+    fn live_socket_with_full_backlog_is_not_stolen_and_bind_does_not_hang() {
+        let tmp = TempSock::new("backlog");
+        let path = tmp.path.clone();
+        // A live server that never accepts.
+        let _live = UnixListener::bind(&path).unwrap();
+        let addr = SocketAddrUnix::new(&path).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let s = socket_with(
+                AddressFamily::UNIX,
+                SocketType::STREAM,
+                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+                None,
+            )
+            .unwrap();
+            match connect(&s, &addr) {
+                Ok(()) => queued.push(s),
+                Err(Errno::AGAIN) => break,
+                Err(e) => panic!("unexpected connect error {e}"),
+            }
+            assert!(queued.len() < 100_000, "backlog never filled");
+        }
+        let start = Instant::now();
+        let err = Listener::bind(&Endpoint::Path(path.clone())).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert!(path.exists());
+        drop(_live);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
     fn regular_file_at_path_is_not_removed() {
-        let path = temp_socket_path("regular");
+        let tmp = TempSock::new("regular");
+        let path = tmp.path.clone();
         std::fs::write(&path, b"precious").unwrap();
         let err = Listener::bind(&Endpoint::Path(path.clone())).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
@@ -717,8 +780,8 @@ mod tests {
 
     #[test]
     fn drop_does_not_remove_a_replacement_socket() {
-        let path = temp_socket_path("replaced");
-        let _ = std::fs::remove_file(&path);
+        let tmp = TempSock::new("replaced");
+        let path = tmp.path.clone();
         let ep = Endpoint::Path(path.clone());
         let old = Listener::bind(&ep).unwrap();
         std::fs::remove_file(&path).unwrap();
