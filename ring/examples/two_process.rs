@@ -46,8 +46,8 @@ fn main() {
     let count: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(200_000);
 
     // A memfd without CLOEXEC, so the child inherits it.
-    let fd = rustix::fs::memfd_create("coroipc-example", rustix::fs::MemfdFlags::empty())
-        .expect("memfd_create");
+    let fd =
+        rustix::fs::memfd_create("coroipc-example", rustix::fs::MemfdFlags::empty()).expect("memfd_create");
     let file = std::fs::File::from(fd);
     file.set_len(2 * ring_span() as u64).expect("size the memfd");
     let region: Arc<dyn Region> = Arc::new(Shared(MmapRaw::map_raw(&file).expect("mmap")));

@@ -41,7 +41,23 @@ pub trait Notify {
     fn wait(&self, word: &AtomicU32, expected: u32, timeout: Option<Duration>);
     /// Wakes every thread sleeping in [`wait`](Self::wait) on `word`.
     fn wake(&self, word: &AtomicU32);
+    /// Wakes the announced waiters; `waiters` is the value of the waiters
+    /// word that made the notifier call (see [`POLL_WAITER`]), so a backend
+    /// can wake only the kinds of sleeper that announced themselves. The
+    /// default wakes everything through [`wake`](Self::wake).
+    fn wake_waiters(&self, word: &AtomicU32, waiters: u32) {
+        let _ = waiters;
+        self.wake(word);
+    }
 }
+
+/// Weight of a waiter that sleeps in `poll(2)` on a file descriptor rather
+/// than in [`Notify::wait`]: such a waiter announces itself with
+/// [`WaitPoint::announce_poll`], which adds this value to the waiters word
+/// instead of 1. Backends read `waiters / POLL_WAITER` as the number of
+/// pollers and `waiters % POLL_WAITER` as the number of direct sleepers, and
+/// make only the wake calls needed (a futex wake, an eventfd write, or both).
+pub const POLL_WAITER: u32 = 1 << 16;
 
 /// One side's wait point in a ring's shared header.
 #[derive(Clone, Copy, Debug)]
@@ -55,6 +71,7 @@ pub struct WaitPoint<'a> {
 #[must_use = "an announced waiter must sleep or cancel, or notifiers keep paying for wake calls"]
 pub struct Announcement {
     epoch: u32,
+    weight: u32,
 }
 
 impl<'a> WaitPoint<'a> {
@@ -67,18 +84,32 @@ impl<'a> WaitPoint<'a> {
     /// [`cancel`](Self::cancel).
     #[inline]
     pub fn announce(&self) -> Announcement {
-        let epoch = self.words.epoch.load(Ordering::Acquire);
-        self.words.waiters.fetch_add(1, Ordering::Relaxed);
-        // SYNC ANNOUNCE: pairs with the fence in `notify`.
-        fence(Ordering::SeqCst);
-        Announcement { epoch }
+        self.announce_weighted(1)
     }
 
-    /// Withdraws an announcement (the re-check found the condition true).
+    /// Like [`announce`](Self::announce), for a waiter that will sleep in
+    /// `poll(2)` on the backend's file descriptor (see [`POLL_WAITER`]).
+    /// Withdraw it with [`cancel`](Self::cancel) once the descriptor fired
+    /// or the caller stops polling.
+    #[inline]
+    pub fn announce_poll(&self) -> Announcement {
+        self.announce_weighted(POLL_WAITER)
+    }
+
+    #[inline]
+    fn announce_weighted(&self, weight: u32) -> Announcement {
+        let epoch = self.words.epoch.load(Ordering::Acquire);
+        self.words.waiters.fetch_add(weight, Ordering::Relaxed);
+        // SYNC ANNOUNCE: pairs with the fence in `notify`.
+        fence(Ordering::SeqCst);
+        Announcement { epoch, weight }
+    }
+
+    /// Withdraws an announcement (the re-check found the condition true, or
+    /// a poller woke up).
     #[inline]
     pub fn cancel(&self, announcement: Announcement) {
-        let _ = announcement;
-        self.words.waiters.fetch_sub(1, Ordering::Relaxed);
+        self.words.waiters.fetch_sub(announcement.weight, Ordering::Relaxed);
     }
 
     /// Step 5–6: sleeps until notified (or `timeout`, or spuriously), then
@@ -90,7 +121,7 @@ impl<'a> WaitPoint<'a> {
         timeout: Option<Duration>,
     ) {
         notifier.wait(&self.words.epoch, announcement.epoch, timeout);
-        self.words.waiters.fetch_sub(1, Ordering::Relaxed);
+        self.words.waiters.fetch_sub(announcement.weight, Ordering::Relaxed);
     }
 
     /// One complete wait: returns `true` at once if `ready()` holds,
@@ -131,17 +162,18 @@ impl<'a> WaitPoint<'a> {
     pub fn notify<N: Notify + ?Sized>(&self, notifier: &N) -> bool {
         // SYNC ANNOUNCE: pairs with the fence in `announce`.
         fence(Ordering::SeqCst);
-        if self.words.waiters.load(Ordering::Relaxed) == 0 {
+        let waiters = self.words.waiters.load(Ordering::Relaxed);
+        if waiters == 0 {
             return false;
         }
-        self.notify_slow(notifier);
+        self.notify_slow(notifier, waiters);
         true
     }
 
     #[cold]
-    fn notify_slow<N: Notify + ?Sized>(&self, notifier: &N) {
+    fn notify_slow<N: Notify + ?Sized>(&self, notifier: &N, waiters: u32) {
         self.words.epoch.fetch_add(1, Ordering::Release);
-        notifier.wake(&self.words.epoch);
+        notifier.wake_waiters(&self.words.epoch, waiters);
     }
 
     /// The futex word, for backends that sleep in the kernel on it.
