@@ -255,7 +255,7 @@ impl Consumer {
     }
 }
 
-impl ReadGrant<'_> {
+impl<'a> ReadGrant<'a> {
     /// Payload length in bytes.
     #[inline]
     pub fn len(&self) -> usize {
@@ -302,6 +302,24 @@ impl ReadGrant<'_> {
         let ptr = self.consumer.ring.data.ptr(self.offset, self.len);
         // SAFETY: in bounds (checked by `ptr`), valid while the grant borrows
         // the consumer (which keeps the region alive); stability is the
+        // caller's promise.
+        unsafe { std::slice::from_raw_parts(ptr, self.len) }
+    }
+
+    /// The payload in place, for as long as the consumer stays borrowed
+    /// (the grant is consumed; the record stays in the ring until the next
+    /// `try_peek(..).release()`).
+    ///
+    /// # Safety
+    ///
+    /// As for [`as_slice`](Self::as_slice).
+    #[cfg(not(coroipc_loom))]
+    #[allow(unsafe_code)]
+    #[inline]
+    pub unsafe fn into_slice(self) -> &'a [u8] {
+        let ptr = self.consumer.ring.data.ptr(self.offset, self.len);
+        // SAFETY: in bounds (checked by `ptr`); the region lives as long as
+        // the consumer, which stays borrowed for `'a`; stability is the
         // caller's promise.
         unsafe { std::slice::from_raw_parts(ptr, self.len) }
     }

@@ -136,6 +136,21 @@ impl MpscProducer {
         }
     }
 
+    /// Whether a record with a `len`-byte payload fits now (a snapshot:
+    /// other producers may take the space first). A corrupt consumer
+    /// position counts as "fits", so that the next `try_reserve` reports it.
+    pub fn can_reserve(&self, len: usize) -> bool {
+        let s = &*self.shared;
+        let claim = s.claim.load(Ordering::Relaxed);
+        let plan = plan(&s.ring, claim, record_size(len as u64));
+        // SYNC HEAD (as in `try_reserve`).
+        let head = s.ring.header().head.0.load(Ordering::Acquire);
+        match check_head(&s.ring, head, claim) {
+            Ok(head) => claim - head + plan.advance <= s.ring.layout.capacity,
+            Err(_) => true,
+        }
+    }
+
     /// Copies `payload` into one record and publishes it.
     ///
     /// # Errors

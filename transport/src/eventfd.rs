@@ -157,6 +157,17 @@ impl EventFd {
     }
 }
 
+impl EventFd {
+    /// Waits with `poll(2)` until `fd` is readable or `timeout` elapses;
+    /// returns whether it is readable. For descriptors handed out as
+    /// [`BorrowedFd`](std::os::fd::BorrowedFd) (e.g. a dispatch fd).
+    pub fn wait_fd(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        let ts = Timespec::try_from(timeout).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
+        matches!(poll(&mut fds, Some(&ts)), Ok(n) if n > 0)
+    }
+}
+
 impl AsFd for EventFd {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -60,12 +60,17 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod bell;
+pub mod channel;
+pub mod control;
 pub mod eventfd;
 pub mod futex;
 pub mod handshake;
+pub mod message;
 mod peercred;
 pub mod segment;
 pub mod socket;
+pub mod waiter;
 
 #[doc(hidden)]
 pub use handshake::fuzz_decode;

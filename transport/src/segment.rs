@@ -207,6 +207,18 @@ impl Segment {
     }
 }
 
+// SAFETY: the mapping is page-aligned (>= 128), valid for `len` bytes and
+// never truncated (sealed) while the segment lives; the ring reaches it only
+// through raw pointers and atomics.
+unsafe impl coroipc_ring::Region for Segment {
+    fn as_ptr(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
 impl AsFd for Segment {
     /// The memfd, e.g. to pass it to the peer with `SCM_RIGHTS`.
     fn as_fd(&self) -> BorrowedFd<'_> {

@@ -1,0 +1,1113 @@
+//! One connection's channels, set up by the handshake: the server end
+//! ([`ServerChannel`]) and the client end ([`ClientChannel`]).
+//!
+//! ```text
+//!            client process                         server process
+//!   requests  Producer ──── request ring (SPSC) ───▶ Consumer    rings request bell
+//!   responses Consumer ◀─── response ring (SPSC) ─── Producer    rings response bell
+//!   dispatch  Consumer ◀─── dispatch ring (MPSC) ─── MpscProducer (any server thread)
+//! ```
+//!
+//! All three rings and the control block live in one sealed memfd created
+//! by the server; it travels to the client with the three bells' eventfds
+//! in the handshake reply (`SCM_RIGHTS`). The connection socket stays open
+//! for the connection's lifetime: its hang-up is how either side learns that
+//! the other died.
+//!
+//! **Handshake** (server side never blocks, so a slow-loris client cannot
+//! stall other connects): the server accepts, reads the fixed-size hello
+//! without blocking ([`PendingHandshake`]), learns the peer's uid/gid/pid
+//! from the kernel, and only after the application's decision creates any
+//! memory ([`PendingHandshake::accept`]) or answers with a refusal that
+//! creates nothing ([`PendingHandshake::refuse`]).
+//!
+//! **Payload stability.** The server copies each request into private
+//! memory before anyone sees it ([`ServerChannel::try_recv_request`]): a
+//! hostile client cannot change a request while a handler reads it, and no
+//! `&[u8]` into client-writable memory exists. The client reads responses
+//! and dispatch messages in place (zero-copy): it trusts the server it chose
+//! not to rewrite a published record, and bounds are checked regardless.
+#![allow(unsafe_code)]
+
+use std::fmt;
+use std::io::{self, IoSlice, Read};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use coroipc_ring::{
+    init, record_size, required_size, Announcement, Consumer, Corruption, FlowChange, FlowState,
+    MpscProducer, PopError, Producer, PushError, Region as RingRegion, RingAttachError, RingConfig,
+    Watermarks,
+};
+
+use crate::bell::Bell;
+use crate::control::{Control, Side, CONTROL_LEN};
+use crate::eventfd::EventFd;
+use crate::handshake::{
+    Accepted, ClientHello, HandshakeDecodeError, Refusal, Region, RingSizes, SegmentLayout, ServerReply,
+    HELLO_LEN, MAX_RING_BYTES, MIN_RING_BYTES, REPLY_LEN,
+};
+use crate::segment::{Segment, SegmentOpenError};
+use crate::socket::{Endpoint, PeerCred, SocketRecvError, Stream};
+use crate::waiter::{wait_until, Liveness, WaitError, WaitPolicy};
+
+/// Number of descriptors in an accepting reply: memfd + three eventfds.
+const REPLY_FDS: usize = 4;
+
+/// Errors of the data path of an established connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelError {
+    /// Not possible now (ring full, flow control on, nothing to read);
+    /// try again later.
+    TryAgain,
+    /// The deadline passed.
+    Timeout,
+    /// The message exceeds the negotiated maximum.
+    TooBig {
+        /// Length of the message.
+        len: usize,
+        /// Largest message allowed.
+        max: usize,
+    },
+    /// The caller's buffer is too small; the message is kept.
+    BufferTooSmall {
+        /// Length of the message.
+        needed: usize,
+    },
+    /// The peer closed the connection or died.
+    PeerGone,
+    /// The peer corrupted shared memory; the connection must be dropped.
+    Corrupt(Corruption),
+}
+
+impl fmt::Display for ChannelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TryAgain => f.write_str("try again"),
+            Self::Timeout => f.write_str("timed out"),
+            Self::TooBig { len, max } => write!(f, "message of {len} bytes exceeds maximum {max}"),
+            Self::BufferTooSmall { needed } => write!(f, "buffer too small: message has {needed} bytes"),
+            Self::PeerGone => f.write_str("connection lost"),
+            Self::Corrupt(c) => write!(f, "shared memory corrupt: {c}"),
+        }
+    }
+}
+
+impl std::error::Error for ChannelError {}
+
+impl From<WaitError> for ChannelError {
+    fn from(e: WaitError) -> Self {
+        match e {
+            WaitError::Timeout => Self::Timeout,
+            WaitError::PeerGone => Self::PeerGone,
+        }
+    }
+}
+
+fn push_error(e: PushError, max: usize) -> ChannelError {
+    match e {
+        PushError::Full => ChannelError::TryAgain,
+        PushError::TooBig { len, .. } => ChannelError::TooBig { len: len as usize, max },
+        PushError::Corrupt(c) => ChannelError::Corrupt(c),
+    }
+}
+
+fn pop_error(e: PopError) -> ChannelError {
+    match e {
+        PopError::Empty => ChannelError::TryAgain,
+        PopError::BufferTooSmall { needed } => ChannelError::BufferTooSmall { needed },
+        PopError::Corrupt(c) => ChannelError::Corrupt(c),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave a ring endpoint in a state
+    // that breaks memory safety; carry on.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The server's limits on what a client may ask for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message (header included) in any direction.
+    pub max_message_bytes: u32,
+    /// Largest ring data area.
+    pub max_ring_bytes: u32,
+    /// Sizes used where the client asks for 0 ("server default").
+    pub defaults: RingSizes,
+    /// Dispatch flow control: on at this percentage of the dispatch ring,
+    /// off again at `dispatch_low_percent`.
+    pub dispatch_high_percent: u8,
+    /// See `dispatch_high_percent`.
+    pub dispatch_low_percent: u8,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1 << 20,
+            max_ring_bytes: 1 << 24,
+            defaults: RingSizes {
+                request_ring_bytes: 1 << 16,
+                response_ring_bytes: 1 << 16,
+                dispatch_ring_bytes: 1 << 20,
+                max_message_bytes: 8 << 10,
+            },
+            dispatch_high_percent: 75,
+            dispatch_low_percent: 25,
+        }
+    }
+}
+
+/// Smallest ring that carries `max_message`-byte records (a record may use
+/// at most half a ring, see `coroipc_ring::max_payload_for`).
+fn ring_for(max_message: u32) -> u64 {
+    (2 * record_size(u64::from(max_message))).next_power_of_two().max(u64::from(MIN_RING_BYTES))
+}
+
+/// What the server grants for `asked` under `limits`, or why not.
+///
+/// # Errors
+///
+/// [`Refusal::TooBig`] if the message size or a ring exceeds the limits.
+pub fn negotiate(asked: &RingSizes, limits: &Limits) -> Result<RingSizes, Refusal> {
+    let pick = |v: u32, default: u32| if v == 0 { default } else { v };
+    let max_message = pick(asked.max_message_bytes, limits.defaults.max_message_bytes);
+    if max_message > limits.max_message_bytes || max_message < crate::message::HEADER_LEN as u32 {
+        return Err(Refusal::TooBig);
+    }
+    let need = ring_for(max_message);
+    let ring = |v: u32, default: u32| -> Result<u32, Refusal> {
+        let bytes = u64::from(pick(v, default)).max(need).next_power_of_two();
+        if bytes > u64::from(limits.max_ring_bytes) || bytes > u64::from(MAX_RING_BYTES) {
+            return Err(Refusal::TooBig);
+        }
+        Ok(bytes as u32)
+    };
+    Ok(RingSizes {
+        request_ring_bytes: ring(asked.request_ring_bytes, limits.defaults.request_ring_bytes)?,
+        response_ring_bytes: ring(asked.response_ring_bytes, limits.defaults.response_ring_bytes)?,
+        dispatch_ring_bytes: ring(asked.dispatch_ring_bytes, limits.defaults.dispatch_ring_bytes)?,
+        max_message_bytes: max_message,
+    })
+}
+
+/// The segment layout for granted sizes: control block, then the request,
+/// response and dispatch rings, each 128-aligned; the length rounded up to
+/// a page.
+pub fn layout_for(sizes: &RingSizes) -> SegmentLayout {
+    let control = Region { offset: 0, len: CONTROL_LEN };
+    let mut at = CONTROL_LEN.next_multiple_of(128);
+    let mut next = |cap: u32| {
+        let r = Region { offset: at, len: required_size(u64::from(cap)) as u64 };
+        at = (at + r.len).next_multiple_of(128);
+        r
+    };
+    let request = next(sizes.request_ring_bytes);
+    let response = next(sizes.response_ring_bytes);
+    let dispatch = next(sizes.dispatch_ring_bytes);
+    SegmentLayout { segment_len: at.next_multiple_of(4096), control, request, response, dispatch }
+}
+
+/// Why a server-side handshake failed (the connection is then dropped).
+#[derive(Debug)]
+pub enum HandshakeError {
+    /// The client closed the socket before sending a complete hello.
+    Closed,
+    /// The hello did not decode.
+    Decode(HandshakeDecodeError),
+    /// A syscall failed.
+    Io(io::Error),
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Closed => f.write_str("client closed during handshake"),
+            Self::Decode(e) => write!(f, "bad hello: {e}"),
+            Self::Io(e) => write!(f, "handshake i/o: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for HandshakeError {}
+
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+/// A connection accepted on the listener whose hello is being read.
+///
+/// Nonblocking: call [`poll_hello`](Self::poll_hello) whenever the socket is
+/// readable; it never waits. Drop it (or let its deadline pass) to give up.
+#[derive(Debug)]
+pub struct PendingHandshake {
+    stream: Stream,
+    peer: PeerCred,
+    buf: [u8; HELLO_LEN],
+    got: usize,
+    started: Instant,
+}
+
+impl PendingHandshake {
+    /// Starts the handshake on an accepted stream: makes it nonblocking and
+    /// reads the peer's credentials from the kernel (`SO_PEERCRED`).
+    ///
+    /// # Errors
+    ///
+    /// The `fcntl`/`getsockopt` error.
+    pub fn new(stream: Stream) -> io::Result<Self> {
+        stream.as_std().set_nonblocking(true)?;
+        let peer = stream.peer_credentials()?;
+        Ok(Self { stream, peer, buf: [0; HELLO_LEN], got: 0, started: Instant::now() })
+    }
+
+    /// The peer's credentials, from the kernel.
+    pub fn peer(&self) -> PeerCred {
+        self.peer
+    }
+
+    /// When the handshake started (for a server-side deadline).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The socket, to register with an event loop.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// Reads what has arrived; returns the hello once complete.
+    ///
+    /// # Errors
+    ///
+    /// [`HandshakeError::Closed`] on end of stream, `Decode` for a malformed
+    /// hello, `Io` otherwise.
+    pub fn poll_hello(
+        &mut self,
+    ) -> Result<Option<Result<ClientHello, HandshakeDecodeError>>, HandshakeError> {
+        while self.got < HELLO_LEN {
+            match (&mut self.stream.as_std()).read(&mut self.buf[self.got..]) {
+                Ok(0) => return Err(HandshakeError::Closed),
+                Ok(n) => self.got += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(ClientHello::decode(&self.buf)))
+    }
+
+    /// Refuses the connection: sends the refusal (best effort, never
+    /// blocking) and closes. Nothing was created for it.
+    pub fn refuse(self, refusal: Refusal) {
+        let _ = self.stream.send_with_fds(&ServerReply::Refused(refusal).encode(), &[]);
+    }
+
+    /// Accepts: creates the segment, rings and bells for `sizes` (from
+    /// [`negotiate`]) and sends them to the client.
+    ///
+    /// # Errors
+    ///
+    /// The error of creating the memfd or eventfds, or of sending the reply
+    /// (a client that vanished).
+    pub fn accept(self, sizes: RingSizes, limits: &Limits) -> io::Result<ServerChannel> {
+        let layout = layout_for(&sizes);
+        let accepted = Accepted { sizes, layout };
+        debug_assert!(accepted.validate().is_ok(), "server computed an invalid layout");
+        let segment = Arc::new(Segment::create(layout.segment_len as usize)?);
+        Control::new(&segment, layout.control.offset).init();
+        let max_record = u64::from(sizes.max_message_bytes);
+        let region: Arc<dyn RingRegion> = segment.clone();
+        let ring_init = |r: Region, cap: u32, wm: Option<Watermarks>| {
+            let mut config = RingConfig::new(u64::from(cap)).with_max_record(max_record);
+            if let Some(w) = wm {
+                config = config.with_watermarks(w);
+            }
+            init(&region, r.offset as usize, r.len as usize, &config)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+        };
+        ring_init(layout.request, sizes.request_ring_bytes, None)?;
+        ring_init(layout.response, sizes.response_ring_bytes, None)?;
+        let cap = u64::from(sizes.dispatch_ring_bytes);
+        let wm =
+            Watermarks::percent(cap, limits.dispatch_high_percent.into(), limits.dispatch_low_percent.into());
+        ring_init(layout.dispatch, sizes.dispatch_ring_bytes, wm.is_valid_for(cap).then_some(wm))?;
+        let attach_err = |e: RingAttachError| io::Error::new(io::ErrorKind::InvalidData, e);
+        let requests =
+            Consumer::attach(region.clone(), layout.request.offset as usize, layout.request.len as usize)
+                .map_err(attach_err)?;
+        let responses =
+            Producer::attach(region.clone(), layout.response.offset as usize, layout.response.len as usize)
+                .map_err(attach_err)?;
+        let dispatch =
+            MpscProducer::attach(region, layout.dispatch.offset as usize, layout.dispatch.len as usize)
+                .map_err(attach_err)?;
+        let bells = [Bell::new()?, Bell::new()?, Bell::new()?];
+        let fds: [BorrowedFd<'_>; REPLY_FDS] =
+            [segment.as_fd(), bells[0].as_fd(), bells[1].as_fd(), bells[2].as_fd()];
+        self.stream.send_with_fds(&ServerReply::Accepted(accepted).encode(), &fds)?;
+        let [request_bell, response_bell, dispatch_bell] = bells;
+        Ok(ServerChannel {
+            stream: self.stream,
+            peer: self.peer,
+            accepted,
+            requests: Mutex::new(RequestSide { consumer: requests, armed: None }),
+            responses: Mutex::new(responses),
+            dispatch,
+            request_bell,
+            response_bell,
+            dispatch_bell,
+            segment,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct RequestSide {
+    consumer: Consumer,
+    /// The poll-mode announcement made by [`ServerChannel::arm`].
+    armed: Option<Announcement>,
+}
+
+/// The server end of one connection. `Sync`: requests are read by the
+/// thread that runs the event loop, responses and dispatch messages may be
+/// sent from any thread.
+#[derive(Debug)]
+pub struct ServerChannel {
+    stream: Stream,
+    peer: PeerCred,
+    accepted: Accepted,
+    requests: Mutex<RequestSide>,
+    responses: Mutex<Producer>,
+    dispatch: MpscProducer,
+    request_bell: Bell,
+    response_bell: Bell,
+    dispatch_bell: Bell,
+    segment: Arc<Segment>,
+}
+
+impl ServerChannel {
+    fn control(&self) -> Control<'_> {
+        Control::new(&self.segment, self.accepted.layout.control.offset)
+    }
+
+    fn liveness(&self) -> Liveness<'_> {
+        Liveness { stream: &self.stream, control: self.control(), peer: Side::Client }
+    }
+
+    /// The client's credentials, from the kernel.
+    pub fn peer(&self) -> PeerCred {
+        self.peer
+    }
+
+    /// The negotiated sizes.
+    pub fn sizes(&self) -> RingSizes {
+        self.accepted.sizes
+    }
+
+    /// Largest message (header included).
+    pub fn max_message(&self) -> usize {
+        self.accepted.sizes.max_message_bytes as usize
+    }
+
+    /// The connection socket: register it for readability/hang-up with the
+    /// event loop to notice the client's death at once.
+    pub fn socket_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    /// The request bell's eventfd: readable after [`arm`](Self::arm) once a
+    /// request arrives.
+    pub fn request_fd(&self) -> BorrowedFd<'_> {
+        self.request_bell.as_fd()
+    }
+
+    /// Whether a request is waiting (or the ring is corrupt, which the next
+    /// [`try_recv_request`](Self::try_recv_request) reports).
+    pub fn has_request(&self) -> bool {
+        lock(&self.requests).consumer.is_ready()
+    }
+
+    /// Copies the next request into `buf` (resized to fit) and frees its
+    /// space; returns `false` if there is none.
+    ///
+    /// # Errors
+    ///
+    /// [`ChannelError::Corrupt`] if the client corrupted the ring.
+    pub fn try_recv_request(&self, buf: &mut Vec<u8>) -> Result<bool, ChannelError> {
+        let mut side = lock(&self.requests);
+        let grant = match side.consumer.try_peek() {
+            Ok(g) => g,
+            Err(PopError::Empty) => return Ok(false),
+            Err(e) => return Err(pop_error(e)),
+        };
+        buf.clear();
+        buf.resize(grant.len(), 0);
+        grant.copy_to(buf);
+        let _ = grant.release();
+        // A client blocked on a full request ring waits for this space.
+        side.consumer.space_wait().notify(&self.request_bell);
+        Ok(true)
+    }
+
+    /// Prepares for the event loop to sleep: announces on the request ring
+    /// that this side waits in poll on [`request_fd`](Self::request_fd).
+    /// Returns `true` if a request arrived meanwhile (then do not sleep).
+    pub fn arm(&self) -> bool {
+        let mut side = lock(&self.requests);
+        if side.armed.is_none() {
+            let a = side.consumer.data_wait().announce_poll();
+            side.armed = Some(a);
+        }
+        side.consumer.is_ready()
+    }
+
+    /// Withdraws the announcement made by [`arm`](Self::arm) and drains the
+    /// request bell (after the event loop woke up).
+    pub fn disarm(&self) {
+        let mut side = lock(&self.requests);
+        if let Some(a) = side.armed.take() {
+            side.consumer.data_wait().cancel(a);
+        }
+        self.request_bell.drain();
+    }
+
+    /// Sends a response (gathered from `parts`), waiting up to `timeout`
+    /// for ring space if the client is slow to read.
+    ///
+    /// # Errors
+    ///
+    /// `TooBig`, `Timeout`, `PeerGone`, `Corrupt`.
+    pub fn send_response(&self, parts: &[IoSlice<'_>], timeout: Duration) -> Result<(), ChannelError> {
+        let max = self.max_message();
+        let mut responses = lock(&self.responses);
+        let deadline = Instant::now() + timeout;
+        loop {
+            match responses.try_push_vectored(parts) {
+                Ok(_) => {
+                    responses.data_wait().notify(&self.response_bell);
+                    return Ok(());
+                }
+                Err(PushError::Full) => {
+                    let len: usize = parts.iter().map(|p| p.len()).sum();
+                    let point = responses.space_wait();
+                    wait_until(
+                        point,
+                        &self.response_bell,
+                        || responses.can_reserve(len),
+                        self.liveness(),
+                        Some(deadline),
+                        WaitPolicy::default(),
+                    )?;
+                }
+                Err(e) => return Err(push_error(e, max)),
+            }
+        }
+    }
+
+    /// Sends a dispatch message without blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`ChannelError::TryAgain`] while flow control is on or the ring is
+    /// full; `TooBig`, `Corrupt`, `PeerGone`.
+    pub fn try_dispatch(&self, parts: &[IoSlice<'_>]) -> Result<FlowChange, ChannelError> {
+        if self.dispatch.flow_state() == FlowState::On {
+            return Err(ChannelError::TryAgain);
+        }
+        if !self.control().is_open(Side::Client) {
+            return Err(ChannelError::PeerGone);
+        }
+        let change = self.dispatch.try_push_vectored(parts).map_err(|e| push_error(e, self.max_message()))?;
+        self.dispatch.data_wait().notify(&self.dispatch_bell);
+        Ok(change)
+    }
+
+    /// Sends a dispatch message, waiting up to `timeout` while flow
+    /// control is on or the ring is full.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_dispatch`](Self::try_dispatch), with `Timeout` instead of
+    /// `TryAgain`.
+    pub fn dispatch_timeout(
+        &self,
+        parts: &[IoSlice<'_>],
+        timeout: Duration,
+    ) -> Result<FlowChange, ChannelError> {
+        let deadline = Instant::now() + timeout;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        loop {
+            match self.try_dispatch(parts) {
+                Err(ChannelError::TryAgain) => {}
+                other => return other,
+            }
+            let dispatch = &self.dispatch;
+            wait_until(
+                dispatch.space_wait(),
+                &self.dispatch_bell,
+                || dispatch.flow_state() == FlowState::Off && dispatch.can_reserve(len),
+                self.liveness(),
+                Some(deadline),
+                WaitPolicy::default(),
+            )?;
+        }
+    }
+
+    /// The dispatch ring's flow-control state.
+    pub fn dispatch_flow(&self) -> FlowState {
+        self.dispatch.flow_state()
+    }
+
+    /// Pauses or resumes reading requests (request-side flow control,
+    /// visible to the client).
+    pub fn set_request_paused(&self, paused: bool) {
+        self.control().set_request_paused(paused);
+        if !paused {
+            lock(&self.requests).consumer.space_wait().notify(&self.request_bell);
+        }
+    }
+
+    /// Whether request reading is paused.
+    pub fn request_paused(&self) -> bool {
+        self.control().request_paused()
+    }
+
+    /// Whether the client is still there (state word and socket).
+    pub fn peer_alive(&self) -> bool {
+        self.liveness().peer_alive()
+    }
+
+    /// Closes the connection from the server side: marks it closed in the
+    /// control block, wakes every sleeper on the client side, and shuts the
+    /// socket down. Idempotent.
+    pub fn close(&self) {
+        self.control().close(Side::Server);
+        wake_all(lock(&self.responses).data_wait(), &self.response_bell);
+        wake_all(self.dispatch.data_wait(), &self.dispatch_bell);
+        wake_all(lock(&self.requests).consumer.space_wait(), &self.request_bell);
+        let _ = self.stream.as_std().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Bumps the epoch and wakes every kind of sleeper on `point`, whatever it
+/// announced: used on close so no sleeper misses the state change.
+fn wake_all(point: coroipc_ring::WaitPoint<'_>, bell: &Bell) {
+    use coroipc_ring::Notify;
+    point.epoch_word().fetch_add(1, std::sync::atomic::Ordering::Release);
+    bell.wake(point.epoch_word());
+}
+
+impl Drop for ServerChannel {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Why a client could not connect.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// Connecting or talking to the socket failed (no server, permission,
+    /// server vanished mid-handshake).
+    Io(io::Error),
+    /// The server refused.
+    Refused(Refusal),
+    /// The server's reply did not decode.
+    Handshake(HandshakeDecodeError),
+    /// The server sent a wrong descriptor set.
+    Descriptors(&'static str),
+    /// The segment failed validation.
+    Segment(SegmentOpenError),
+    /// A ring header failed validation.
+    Ring(RingAttachError),
+    /// The control block failed validation.
+    Control,
+    /// The handshake did not finish in time.
+    Timeout,
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(e) => write!(f, "connect: {e}"),
+            Self::Refused(r) => write!(f, "refused: {r}"),
+            Self::Handshake(e) => write!(f, "bad handshake reply: {e}"),
+            Self::Descriptors(what) => write!(f, "bad descriptors in reply: {what}"),
+            Self::Segment(e) => write!(f, "bad segment: {e}"),
+            Self::Ring(e) => write!(f, "bad ring: {e}"),
+            Self::Control => f.write_str("bad control block"),
+            Self::Timeout => f.write_str("handshake timed out"),
+        }
+    }
+}
+
+impl std::error::Error for ConnectError {}
+
+impl From<io::Error> for ConnectError {
+    fn from(e: io::Error) -> Self {
+        if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) {
+            Self::Timeout
+        } else {
+            Self::Io(e)
+        }
+    }
+}
+
+/// The client end of one connection. `Send`; wrap it in a mutex to share.
+#[derive(Debug)]
+pub struct ClientChannel {
+    stream: Stream,
+    server: PeerCred,
+    accepted: Accepted,
+    requests: Producer,
+    responses: Consumer,
+    dispatch: Consumer,
+    request_bell: Bell,
+    response_bell: Bell,
+    dispatch_bell: Bell,
+    dispatch_armed: Option<Announcement>,
+    policy: WaitPolicy,
+    segment: Arc<Segment>,
+}
+
+impl ClientChannel {
+    /// Connects to `endpoint` and runs the handshake for `hello`, all
+    /// within `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConnectError`] for each way it can fail; a hostile server gets
+    /// an error, never a panic or a hang past `timeout`.
+    #[doc(alias = "coroipcc_service_connect")]
+    pub fn connect(
+        endpoint: &Endpoint,
+        hello: &ClientHello,
+        timeout: Duration,
+    ) -> Result<Self, ConnectError> {
+        let stream = Stream::connect(endpoint)?;
+        Self::handshake(stream, hello, timeout)
+    }
+
+    /// Runs the client side of the handshake on a connected stream.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect).
+    pub fn handshake(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
+        let deadline = Instant::now() + timeout;
+        let std = stream.as_std();
+        std.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        stream.send_with_fds(&hello.encode(), &[])?;
+        let mut reply = [0u8; REPLY_LEN];
+        let mut fds: Vec<OwnedFd> = Vec::new();
+        let mut got = 0;
+        while got < REPLY_LEN {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ConnectError::Timeout);
+            }
+            std.set_read_timeout(Some(left))?;
+            match stream.recv_with_fds(&mut reply[got..], REPLY_FDS - fds.len()) {
+                Ok((0, _)) => {
+                    return Err(ConnectError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "server closed during handshake",
+                    )))
+                }
+                Ok((n, more)) => {
+                    got += n;
+                    fds.extend(more);
+                }
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(SocketRecvError::Io(e)) => return Err(e.into()),
+                Err(_) => return Err(ConnectError::Descriptors("truncated or too many")),
+            }
+        }
+        let accepted = match ServerReply::decode(&reply).map_err(ConnectError::Handshake)? {
+            ServerReply::Refused(r) => return Err(ConnectError::Refused(r)),
+            ServerReply::Accepted(a) => a,
+        };
+        if fds.len() != REPLY_FDS {
+            return Err(ConnectError::Descriptors("expected a memfd and three eventfds"));
+        }
+        let mut fds = fds.into_iter();
+        let mut next_fd = || fds.next().ok_or(ConnectError::Descriptors("missing"));
+        let layout = accepted.layout;
+        let segment =
+            Arc::new(Segment::from_fd(next_fd()?, layout.segment_len).map_err(ConnectError::Segment)?);
+        let bell = |fd: OwnedFd| -> Result<Bell, ConnectError> {
+            EventFd::from_fd(fd)
+                .map(Bell::from_eventfd)
+                .map_err(|_| ConnectError::Descriptors("not an eventfd"))
+        };
+        let request_bell = bell(next_fd()?)?;
+        let response_bell = bell(next_fd()?)?;
+        let dispatch_bell = bell(next_fd()?)?;
+        if layout.control.len < CONTROL_LEN || !Control::new(&segment, layout.control.offset).is_valid() {
+            return Err(ConnectError::Control);
+        }
+        let region: Arc<dyn RingRegion> = segment.clone();
+        let at = |r: Region| (r.offset as usize, r.len as usize);
+        let (o, l) = at(layout.request);
+        let requests = Producer::attach(region.clone(), o, l).map_err(ConnectError::Ring)?;
+        let (o, l) = at(layout.response);
+        let responses = Consumer::attach(region.clone(), o, l).map_err(ConnectError::Ring)?;
+        let (o, l) = at(layout.dispatch);
+        let dispatch = Consumer::attach(region, o, l).map_err(ConnectError::Ring)?;
+        let max = u64::from(accepted.sizes.max_message_bytes);
+        if requests.max_record() < max || responses.max_record() < max || dispatch.max_record() < max {
+            return Err(ConnectError::Ring(RingAttachError::BadMaxRecord(max)));
+        }
+        std.set_read_timeout(None)?;
+        std.set_write_timeout(None)?;
+        std.set_nonblocking(true)?;
+        let server = stream.peer_credentials()?;
+        Ok(Self {
+            stream,
+            server,
+            accepted,
+            requests,
+            responses,
+            dispatch,
+            request_bell,
+            response_bell,
+            dispatch_bell,
+            dispatch_armed: None,
+            policy: WaitPolicy::default(),
+            segment,
+        })
+    }
+
+    fn control(&self) -> Control<'_> {
+        Control::new(&self.segment, self.accepted.layout.control.offset)
+    }
+
+    fn liveness(&self) -> Liveness<'_> {
+        Liveness { stream: &self.stream, control: self.control(), peer: Side::Server }
+    }
+
+    /// The server's credentials, from the kernel: check them to be sure
+    /// you talk to the daemon you expect.
+    pub fn server_credentials(&self) -> PeerCred {
+        self.server
+    }
+
+    /// The negotiated sizes.
+    pub fn sizes(&self) -> RingSizes {
+        self.accepted.sizes
+    }
+
+    /// Largest message (header included).
+    pub fn max_message(&self) -> usize {
+        self.accepted.sizes.max_message_bytes as usize
+    }
+
+    /// Sets how blocking calls wait.
+    pub fn set_wait_policy(&mut self, policy: WaitPolicy) {
+        self.policy = policy;
+    }
+
+    /// The current wait policy.
+    pub fn wait_policy(&self) -> WaitPolicy {
+        self.policy
+    }
+
+    /// Whether the server is still there.
+    pub fn peer_alive(&self) -> bool {
+        self.liveness().peer_alive()
+    }
+
+    /// Whether the server paused reading requests (request-side flow control).
+    pub fn request_paused(&self) -> bool {
+        self.control().request_paused()
+    }
+
+    /// The dispatch ring's flow-control state.
+    pub fn dispatch_flow(&self) -> FlowState {
+        self.dispatch.flow_state()
+    }
+
+    fn gone(&self) -> bool {
+        !self.control().is_open(Side::Server)
+    }
+
+    /// Sends a request without waiting.
+    ///
+    /// # Errors
+    ///
+    /// `TryAgain` (ring full or the server paused requests), `TooBig`,
+    /// `PeerGone`, `Corrupt`.
+    pub fn try_send(&mut self, parts: &[IoSlice<'_>]) -> Result<(), ChannelError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let max = self.max_message();
+        if len > max {
+            return Err(ChannelError::TooBig { len, max });
+        }
+        if self.gone() {
+            return Err(ChannelError::PeerGone);
+        }
+        if self.control().request_paused() {
+            return Err(ChannelError::TryAgain);
+        }
+        let _ = self.requests.try_push_vectored(parts).map_err(|e| push_error(e, max))?;
+        self.requests.data_wait().notify(&self.request_bell);
+        Ok(())
+    }
+
+    /// Sends a request, waiting until `deadline` for space.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_send`](Self::try_send), with `Timeout` instead of `TryAgain`.
+    pub fn send(&mut self, parts: &[IoSlice<'_>], deadline: Option<Instant>) -> Result<(), ChannelError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        loop {
+            match self.try_send(parts) {
+                Err(ChannelError::TryAgain) => {}
+                other => return other,
+            }
+            let control = self.control();
+            let requests = &self.requests;
+            wait_until(
+                requests.space_wait(),
+                &self.request_bell,
+                || !control.request_paused() && requests.can_reserve(len),
+                self.liveness(),
+                deadline,
+                self.policy,
+            )?;
+        }
+    }
+
+    /// Waits until a response is readable.
+    ///
+    /// # Errors
+    ///
+    /// `Timeout`, `PeerGone`.
+    pub fn wait_response(&mut self, deadline: Option<Instant>) -> Result<(), ChannelError> {
+        let responses = &self.responses;
+        wait_until(
+            responses.data_wait(),
+            &self.response_bell,
+            || responses.is_ready(),
+            self.liveness(),
+            deadline,
+            self.policy,
+        )
+        .map_err(Into::into)
+    }
+
+    /// The next response in place, without copying; `None` if there is
+    /// none. Stays valid (and in the ring) until
+    /// [`release_response`](Self::release_response).
+    ///
+    /// # Errors
+    ///
+    /// `Corrupt` if the server corrupted the ring.
+    pub fn peek_response(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+        match self.responses.try_peek() {
+            // SAFETY: the server follows the ring protocol and does not
+            // write a published record before we release it (the client
+            // trusts the server it connected to; see the module docs);
+            // bounds were validated by `try_peek`.
+            Ok(g) => Ok(Some(unsafe { g.into_slice() })),
+            Err(PopError::Empty) => Ok(None),
+            Err(e) => Err(pop_error(e)),
+        }
+    }
+
+    /// Frees the response returned by [`peek_response`](Self::peek_response).
+    pub fn release_response(&mut self) {
+        if let Ok(g) = self.responses.try_peek() {
+            let _ = g.release();
+        }
+    }
+
+    /// The next dispatch message in place; `None` if there is none, in
+    /// which case the dispatch fd is armed: it becomes readable when the
+    /// next message arrives.
+    ///
+    /// # Errors
+    ///
+    /// `Corrupt` if the server corrupted the ring; `PeerGone` once the
+    /// server is gone and the ring is drained.
+    pub fn peek_dispatch(&mut self) -> Result<Option<&[u8]>, ChannelError> {
+        self.disarm_dispatch();
+        if !self.dispatch_ready()? {
+            if self.gone() {
+                return Err(ChannelError::PeerGone);
+            }
+            // Announce as a poller, then re-check (the ring's protocol):
+            // a message published after the check rings the eventfd.
+            let a = self.dispatch.data_wait().announce_poll();
+            if !self.dispatch_ready()? {
+                self.dispatch_armed = Some(a);
+                return Ok(None);
+            }
+            self.dispatch.data_wait().cancel(a);
+        }
+        match self.dispatch.try_peek() {
+            // SAFETY: as in `peek_response`.
+            Ok(g) => Ok(Some(unsafe { g.into_slice() })),
+            Err(PopError::Empty) => Ok(None),
+            Err(e) => Err(pop_error(e)),
+        }
+    }
+
+    /// Whether a dispatch message is ready (skipping padding).
+    fn dispatch_ready(&mut self) -> Result<bool, ChannelError> {
+        match self.dispatch.try_peek() {
+            Ok(_) => Ok(true),
+            Err(PopError::Empty) => Ok(false),
+            Err(e) => Err(pop_error(e)),
+        }
+    }
+
+    fn disarm_dispatch(&mut self) {
+        if let Some(a) = self.dispatch_armed.take() {
+            self.dispatch.data_wait().cancel(a);
+            self.dispatch_bell.drain();
+        }
+    }
+
+    /// Frees the dispatch message returned by
+    /// [`peek_dispatch`](Self::peek_dispatch) and wakes a server thread
+    /// waiting for dispatch space.
+    pub fn release_dispatch(&mut self) {
+        if let Ok(g) = self.dispatch.try_peek() {
+            let _ = g.release();
+            self.dispatch.space_wait().notify(&self.dispatch_bell);
+        }
+    }
+
+    /// Waits until a dispatch message is readable.
+    ///
+    /// # Errors
+    ///
+    /// `Timeout`, `PeerGone`.
+    pub fn wait_dispatch(&mut self, deadline: Option<Instant>) -> Result<(), ChannelError> {
+        self.disarm_dispatch();
+        let dispatch = &self.dispatch;
+        wait_until(
+            dispatch.data_wait(),
+            &self.dispatch_bell,
+            || dispatch.is_ready(),
+            self.liveness(),
+            deadline,
+            self.policy,
+        )
+        .map_err(Into::into)
+    }
+
+    /// The dispatch fd (an eventfd): readable when a dispatch message
+    /// arrived after [`peek_dispatch`](Self::peek_dispatch) returned `None`.
+    #[doc(alias = "coroipcc_fd_get")]
+    pub fn dispatch_fd(&self) -> BorrowedFd<'_> {
+        self.dispatch_bell.as_fd()
+    }
+
+    /// The connection socket (readable/hung up when the server goes away).
+    pub fn socket_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    /// Closes the client side: marks it closed, wakes server-side sleepers
+    /// and shuts the socket down. Idempotent.
+    pub fn close(&mut self) {
+        self.control().close(Side::Client);
+        wake_all(self.requests.data_wait(), &self.request_bell);
+        wake_all(self.dispatch.space_wait(), &self.dispatch_bell);
+        wake_all(self.responses.space_wait(), &self.response_bell);
+        let _ = self.stream.as_std().shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Drop for ClientChannel {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{MessageHeader, HEADER_LEN};
+
+    fn pair(limits: Limits, asked: RingSizes) -> (ServerChannel, ClientChannel) {
+        let (server_end, client_end) = Stream::pair().unwrap();
+        let client = std::thread::spawn(move || {
+            let hello = ClientHello { service: 3, flags: 0, sizes: asked };
+            ClientChannel::handshake(client_end, &hello, Duration::from_secs(5))
+        });
+        let mut pending = PendingHandshake::new(server_end).unwrap();
+        let hello = loop {
+            if let Some(h) = pending.poll_hello().unwrap() {
+                break h.unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!(hello.service, 3);
+        let sizes = negotiate(&hello.sizes, &limits).unwrap();
+        let server = pending.accept(sizes, &limits).unwrap();
+        (server, client.join().unwrap().unwrap())
+    }
+
+    #[test]
+    fn request_response_and_dispatch_over_a_socketpair() {
+        let (server, mut client) = pair(Limits::default(), RingSizes::default());
+        assert_eq!(server.sizes(), client.sizes());
+        let req = MessageHeader { id: 9, flags: 0, seq: 1 }.encode();
+        client.send(&[IoSlice::new(&req), IoSlice::new(b"ping")], None).unwrap();
+        let mut buf = Vec::new();
+        assert!(server.try_recv_request(&mut buf).unwrap());
+        assert_eq!(MessageHeader::decode(&buf).unwrap().seq, 1);
+        assert_eq!(&buf[HEADER_LEN..], b"ping");
+        server.send_response(&[IoSlice::new(&buf)], Duration::from_secs(1)).unwrap();
+        client.wait_response(Some(Instant::now() + Duration::from_secs(5))).unwrap();
+        assert_eq!(client.peek_response().unwrap().unwrap(), &buf[..]);
+        client.release_response();
+        assert!(client.peek_response().unwrap().is_none());
+
+        assert!(client.peek_dispatch().unwrap().is_none(), "nothing yet; fd armed");
+        let _ = server.try_dispatch(&[IoSlice::new(b"event")]).unwrap();
+        assert!(
+            crate::eventfd::EventFd::wait_fd(client.dispatch_fd(), Duration::from_secs(1)),
+            "armed fd rings"
+        );
+        assert_eq!(client.peek_dispatch().unwrap().unwrap(), b"event");
+        client.release_dispatch();
+    }
+
+    #[test]
+    fn server_close_wakes_a_blocked_client_at_once() {
+        let (server, mut client) = pair(Limits::default(), RingSizes::default());
+        let t = std::thread::spawn(move || {
+            let start = Instant::now();
+            let r = client.wait_response(Some(Instant::now() + Duration::from_secs(10)));
+            (r, start.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        server.close();
+        let (r, waited) = t.join().unwrap();
+        assert_eq!(r, Err(ChannelError::PeerGone));
+        assert!(waited < Duration::from_secs(2), "woken promptly, waited {waited:?}");
+    }
+
+    #[test]
+    fn negotiation_clamps_and_refuses() {
+        let limits = Limits::default();
+        let s = negotiate(&RingSizes::default(), &limits).unwrap();
+        assert_eq!(s.max_message_bytes, limits.defaults.max_message_bytes);
+        assert!(u64::from(s.request_ring_bytes) >= 2 * record_size(u64::from(s.max_message_bytes)));
+        let big = RingSizes { max_message_bytes: limits.max_message_bytes + 1, ..RingSizes::default() };
+        assert_eq!(negotiate(&big, &limits), Err(Refusal::TooBig));
+        let huge_ring = RingSizes { dispatch_ring_bytes: 1 << 30, ..RingSizes::default() };
+        assert_eq!(negotiate(&huge_ring, &limits), Err(Refusal::TooBig));
+        let layout = layout_for(&s);
+        assert!(Accepted { sizes: s, layout }.validate().is_ok());
+    }
+}

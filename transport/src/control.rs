@@ -1,0 +1,120 @@
+//! The control block at the start of every connection's segment: the
+//! connection's lifecycle words and the request-side flow-control switch.
+//!
+//! ```text
+//! offset  field           written by  read by
+//!      0  magic, version  server      client (once, at connect)
+//!    128  server_state    server      client
+//!    132  request_paused  server      client
+//!    256  client_state    client      server
+//! ```
+//!
+//! Connection lifecycle (each side writes only its own state word):
+//!
+//! | state    | meaning                                            |
+//! |----------|----------------------------------------------------|
+//! | `OPEN`   | the side serves the connection                      |
+//! | `CLOSED` | the side shut the connection down cleanly; it then  |
+//! |          | notifies every wait point so sleepers see it at once|
+//!
+//! Any other value (a hostile or broken peer) reads as `CLOSED`. A peer that
+//! dies without writing `CLOSED` is noticed through its socket instead (see
+//! `liveness.rs`).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::segment::Segment;
+
+/// Bytes the control block occupies.
+pub const CONTROL_LEN: u64 = 384;
+/// `b"CIPCCTRL"` as a little-endian `u64`.
+pub const CONTROL_MAGIC: u64 = u64::from_le_bytes(*b"CIPCCTRL");
+/// Layout version of the control block.
+pub const CONTROL_VERSION: u32 = 1;
+
+const MAGIC: usize = 0;
+const VERSION: usize = 8;
+const SERVER_STATE: usize = 128;
+const REQUEST_PAUSED: usize = 132;
+const CLIENT_STATE: usize = 256;
+
+/// A side's state word value: serving.
+pub const OPEN: u32 = 0;
+/// A side's state word value: shut down cleanly.
+pub const CLOSED: u32 = 1;
+
+/// Which end of the connection this process is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The server end.
+    Server,
+    /// The client end.
+    Client,
+}
+
+/// Typed access to a segment's control block at a validated offset.
+#[derive(Clone, Copy, Debug)]
+pub struct Control<'a> {
+    segment: &'a Segment,
+    base: usize,
+}
+
+impl<'a> Control<'a> {
+    /// The control block at `base` in `segment`. `base` comes from a
+    /// validated layout (128-aligned, at least [`CONTROL_LEN`] bytes inside
+    /// the segment); the accessors panic otherwise, never read out of bounds.
+    pub fn new(segment: &'a Segment, base: u64) -> Self {
+        Self { segment, base: base as usize }
+    }
+
+    /// Writes a fresh control block (server, before sharing the segment).
+    pub fn init(&self) {
+        self.word64(MAGIC).store(CONTROL_MAGIC, Ordering::Relaxed);
+        self.word32(VERSION).store(CONTROL_VERSION, Ordering::Relaxed);
+        self.word32(SERVER_STATE).store(OPEN, Ordering::Relaxed);
+        self.word32(REQUEST_PAUSED).store(0, Ordering::Relaxed);
+        self.word32(CLIENT_STATE).store(OPEN, Ordering::Release);
+    }
+
+    /// Whether the magic and version are right (client, at connect).
+    pub fn is_valid(&self) -> bool {
+        self.word64(MAGIC).load(Ordering::Acquire) == CONTROL_MAGIC
+            && self.word32(VERSION).load(Ordering::Relaxed) == CONTROL_VERSION
+    }
+
+    fn word32(&self, at: usize) -> &'a AtomicU32 {
+        self.segment.atomic_u32(self.base + at)
+    }
+
+    fn word64(&self, at: usize) -> &'a AtomicU64 {
+        self.segment.atomic_u64(self.base + at)
+    }
+
+    fn state_word(&self, side: Side) -> &'a AtomicU32 {
+        self.word32(match side {
+            Side::Server => SERVER_STATE,
+            Side::Client => CLIENT_STATE,
+        })
+    }
+
+    /// Marks `side` as closed. Release: everything the side did before is
+    /// visible to a peer that sees `CLOSED`.
+    pub fn close(&self, side: Side) {
+        self.state_word(side).store(CLOSED, Ordering::Release);
+    }
+
+    /// Whether `side` is still open (anything but `OPEN` reads as closed).
+    pub fn is_open(&self, side: Side) -> bool {
+        self.state_word(side).load(Ordering::Acquire) == OPEN
+    }
+
+    /// Sets the request-side flow-control switch (server only).
+    pub fn set_request_paused(&self, paused: bool) {
+        self.word32(REQUEST_PAUSED).store(u32::from(paused), Ordering::Release);
+    }
+
+    /// Whether the server paused reading requests.
+    pub fn request_paused(&self) -> bool {
+        self.word32(REQUEST_PAUSED).load(Ordering::Acquire) != 0
+    }
+}

@@ -1,0 +1,71 @@
+//! The header every request, response and dispatch message starts with.
+//!
+//! ```text
+//! | id: u32 (LE) | flags: u32 (LE) | seq: u64 (LE) | payload … |
+//! ```
+//!
+//! * request: `id` = command id, `seq` = the client's request number;
+//! * response: `id` = status (0 = success, else an error code), `seq` = the
+//!   request's number, which is how responses are matched to requests;
+//! * dispatch: `id` = the service's message id, `seq` = the connection's
+//!   dispatch counter.
+//!
+//! Message sizes (limits, workloads) count this header.
+
+/// Bytes of the header.
+pub const HEADER_LEN: usize = 16;
+
+/// Flag: the request wants no response (fire-and-forget).
+pub const FLAG_ONEWAY: u32 = 1;
+
+/// Flags defined in this version; a message with others set is invalid.
+pub const KNOWN_FLAGS: u32 = FLAG_ONEWAY;
+
+/// A decoded message header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MessageHeader {
+    /// Command id, status or dispatch id (see the module docs).
+    pub id: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Sequence number.
+    pub seq: u64,
+}
+
+impl MessageHeader {
+    /// The header's wire bytes.
+    #[inline]
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..4].copy_from_slice(&self.id.to_le_bytes());
+        b[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        b[8..].copy_from_slice(&self.seq.to_le_bytes());
+        b
+    }
+
+    /// Decodes the header at the start of `message`; `None` if the message
+    /// is shorter than a header.
+    #[inline]
+    pub fn decode(message: &[u8]) -> Option<Self> {
+        let b: &[u8; HEADER_LEN] = message.get(..HEADER_LEN)?.try_into().ok()?;
+        Some(Self {
+            id: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            flags: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            seq: u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_short_input_is_refused() {
+        let h = MessageHeader { id: 7, flags: FLAG_ONEWAY, seq: u64::MAX - 3 };
+        let mut msg = h.encode().to_vec();
+        msg.extend_from_slice(b"payload");
+        assert_eq!(MessageHeader::decode(&msg), Some(h));
+        assert_eq!(MessageHeader::decode(&msg[..15]), None);
+    }
+}
