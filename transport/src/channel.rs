@@ -671,6 +671,11 @@ pub struct ClientChannel {
     dispatch_bell: Bell,
     dispatch_armed: Option<Announcement>,
     policy: WaitPolicy,
+    /// The record last returned by `peek_response`/`peek_dispatch`, as
+    /// (address, length), until released: lets `current_*` hand out the
+    /// slice again through `&self`.
+    current_response: Option<(usize, usize)>,
+    current_dispatch: Option<(usize, usize)>,
     segment: Arc<Segment>,
 }
 
@@ -778,6 +783,8 @@ impl ClientChannel {
             dispatch_bell,
             dispatch_armed: None,
             policy: WaitPolicy::default(),
+            current_response: None,
+            current_dispatch: None,
             segment,
         })
     }
@@ -914,14 +921,29 @@ impl ClientChannel {
             // write a published record before we release it (the client
             // trusts the server it connected to; see the module docs);
             // bounds were validated by `try_peek`.
-            Ok(g) => Ok(Some(unsafe { g.into_slice() })),
+            Ok(g) => {
+                // SAFETY: as above.
+                let s = unsafe { g.into_slice() };
+                self.current_response = Some((s.as_ptr() as usize, s.len()));
+                Ok(Some(s))
+            }
             Err(PopError::Empty) => Ok(None),
             Err(e) => Err(pop_error(e)),
         }
     }
 
+    /// The response last returned by [`peek_response`](Self::peek_response),
+    /// until it is released.
+    pub fn current_response(&self) -> Option<&[u8]> {
+        // SAFETY: the record at that address stays published and unreleased
+        // until `release_response` clears `current_response`; the segment
+        // lives as long as `self`; bounds were checked when it was peeked.
+        self.current_response.map(|(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
+    }
+
     /// Frees the response returned by [`peek_response`](Self::peek_response).
     pub fn release_response(&mut self) {
+        self.current_response = None;
         if let Ok(g) = self.responses.try_peek() {
             let _ = g.release();
         }
@@ -951,11 +973,22 @@ impl ClientChannel {
             self.dispatch.data_wait().cancel(a);
         }
         match self.dispatch.try_peek() {
-            // SAFETY: as in `peek_response`.
-            Ok(g) => Ok(Some(unsafe { g.into_slice() })),
+            Ok(g) => {
+                // SAFETY: as in `peek_response`.
+                let s = unsafe { g.into_slice() };
+                self.current_dispatch = Some((s.as_ptr() as usize, s.len()));
+                Ok(Some(s))
+            }
             Err(PopError::Empty) => Ok(None),
             Err(e) => Err(pop_error(e)),
         }
+    }
+
+    /// The dispatch message last returned by
+    /// [`peek_dispatch`](Self::peek_dispatch), until it is released.
+    pub fn current_dispatch(&self) -> Option<&[u8]> {
+        // SAFETY: as in `current_response`.
+        self.current_dispatch.map(|(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
     }
 
     /// Whether a dispatch message is ready (skipping padding).
@@ -978,6 +1011,7 @@ impl ClientChannel {
     /// [`peek_dispatch`](Self::peek_dispatch) and wakes a server thread
     /// waiting for dispatch space.
     pub fn release_dispatch(&mut self) {
+        self.current_dispatch = None;
         if let Ok(g) = self.dispatch.try_peek() {
             let _ = g.release();
             self.dispatch.space_wait().notify(&self.dispatch_bell);

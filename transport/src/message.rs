@@ -69,3 +69,58 @@ mod tests {
         assert_eq!(MessageHeader::decode(&msg[..15]), None);
     }
 }
+
+/// The status a response carries in its `id` field: success or the reason
+/// the request failed (coroipc's `cs_error_t` meanings). Codes at or above
+/// [`Status::SERVICE_BASE`] are the service's own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// The request succeeded.
+    Ok,
+    /// The service cannot take the request now; try again.
+    TryAgain,
+    /// The request is not valid (unknown command, refused by the service).
+    Invalid,
+    /// The request or response exceeds the negotiated maximum.
+    TooBig,
+    /// The service refused the caller.
+    AccessDenied,
+    /// The service or server is shutting down.
+    ShuttingDown,
+    /// A service-defined error code (`>= SERVICE_BASE`).
+    Service(u32),
+    /// A code this version does not know.
+    Unknown(u32),
+}
+
+impl Status {
+    /// First code available to services.
+    pub const SERVICE_BASE: u32 = 1000;
+
+    /// The wire code.
+    pub fn code(self) -> u32 {
+        match self {
+            Self::Ok => 0,
+            Self::TryAgain => 1,
+            Self::Invalid => 2,
+            Self::TooBig => 3,
+            Self::AccessDenied => 4,
+            Self::ShuttingDown => 5,
+            Self::Service(c) | Self::Unknown(c) => c,
+        }
+    }
+
+    /// Decodes a wire code (total).
+    pub fn from_code(code: u32) -> Self {
+        match code {
+            0 => Self::Ok,
+            1 => Self::TryAgain,
+            2 => Self::Invalid,
+            3 => Self::TooBig,
+            4 => Self::AccessDenied,
+            5 => Self::ShuttingDown,
+            c if c >= Self::SERVICE_BASE => Self::Service(c),
+            c => Self::Unknown(c),
+        }
+    }
+}
