@@ -509,6 +509,14 @@ impl ServerChannel {
         }
     }
 
+    /// Whether a response of `len` bytes fits in the response ring now.
+    /// The event loop checks this before it takes a request, so that
+    /// answering never blocks it (a client that does not read its responses
+    /// only stalls its own connection).
+    pub fn response_space_for(&self, len: usize) -> bool {
+        lock(&self.responses).can_reserve(len)
+    }
+
     /// Sends a dispatch message without blocking.
     ///
     /// # Errors
