@@ -1,8 +1,57 @@
 //! # coroipc-server — layer 3 of coroipc-rs (coroipcs)
 //!
-//! Will hold the server half of the coroipc API: the `Server` builder,
-//! services with per-connection state, handlers, dispatch with flow control,
-//! authentication and the abstracted poll system. Contains no `unsafe`.
+//! The server half of the coroipc API over the shared-memory transport:
+//! services (up to 65536, each with up to 65536 command ids) with
+//! per-connection state, connect and disconnect callbacks, a handler
+//! selector, request admission, responses now or later from any thread,
+//! dispatch messages with flow control, authentication from kernel
+//! credentials, statistics, and an abstracted poll system with a built-in
+//! epoll loop. Contains no `unsafe`.
 //!
-//! Not built yet: this crate currently exports nothing.
+//! ## Guarantees
+//!
+//! * A request reaches its handler in server-private memory: a client
+//!   cannot change it while it is read.
+//! * Every request that wants an answer gets exactly one; a handler that
+//!   forgets answers "invalid".
+//! * Nothing is silently dropped: dispatch under flow control returns
+//!   "try again" (or waits), never discards.
+//! * A client that is hostile, slow or killed affects only its own
+//!   connection: a corrupt ring closes that connection with a logged
+//!   reason; a client that does not read stalls only itself; the event loop
+//!   never blocks on one client.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use coroipc_server::{Server, ServiceBuilder};
+//!
+//! // Service 1: echo every request; count requests per connection.
+//! let echo = ServiceBuilder::new(1, |_conn| Ok(0u64)).handler(0, |mut call| {
+//!     *call.state() += 1;
+//!     let payload = call.payload();
+//!     let _ = call.respond(payload);
+//! });
+//! let server = Server::builder().endpoint("@coroipc-echo").service(echo).build()?;
+//! server.run()?; // or: let (handle, thread) = server.spawn()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![forbid(unsafe_code)]
+
+mod connection;
+mod error;
+pub mod poll;
+mod server;
+mod service;
+mod stats;
+
+pub use connection::{Connection, ConnectionId, Credentials};
+pub use coroipc_ring::FlowState;
+pub use coroipc_transport::channel::Limits;
+pub use coroipc_transport::handshake::{Refusal, RingSizes};
+pub use coroipc_transport::message::Status;
+pub use error::{DispatchError, RespondError, ServerBuildError};
+pub use poll::{EpollPoller, Poller, Token};
+pub use server::{AuthFn, Server, ServerBuilder, ServerHandle, LISTENER_TOKEN, WAKER_TOKEN};
+pub use service::{Admission, Call, Disconnect, Handler, Request, Responder, ServiceBuilder};
+pub use stats::Stats;

@@ -1,0 +1,267 @@
+//! The cloneable connection handle (coroipc's reference-counted connection).
+
+use std::fmt;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use coroipc_ring::{FlowChange, FlowState};
+use coroipc_transport::channel::{ChannelError, ServerChannel};
+use coroipc_transport::eventfd::EventFd;
+use coroipc_transport::message::{MessageHeader, Status, HEADER_LEN};
+use coroipc_transport::socket::PeerCred;
+
+use crate::error::{DispatchError, RespondError};
+use crate::stats::{Counters, Stats};
+
+/// Identifies a connection within its server.
+pub type ConnectionId = u64;
+
+/// The client's credentials, from the kernel (`SO_PEERCRED`).
+pub type Credentials = PeerCred;
+
+pub(crate) struct ConnInner {
+    pub(crate) id: ConnectionId,
+    pub(crate) service: u16,
+    pub(crate) channel: ServerChannel,
+    pub(crate) counters: Counters,
+    dispatch_seq: AtomicU64,
+    /// Set by `disconnect()` (any thread); acted on by the event loop.
+    pub(crate) disconnect_requested: AtomicBool,
+    /// Set by the event loop once the connection is closed.
+    pub(crate) closed: AtomicBool,
+    /// Wakes the event loop (the server's waker eventfd).
+    pub(crate) waker: Arc<EventFd>,
+    pub(crate) response_timeout: Duration,
+}
+
+/// A handle on one client connection. Cheap to clone; every clone keeps the
+/// connection's memory alive, so a response or dispatch message can be sent
+/// later from any thread (coroipc's `coroipcs_refcount_inc`/`_dec`). Once
+/// the connection is closed, sending returns an error, never panics.
+#[derive(Clone)]
+#[doc(alias = "coroipcs_refcount_inc")]
+#[doc(alias = "coroipcs_refcount_dec")]
+pub struct Connection {
+    pub(crate) inner: Arc<ConnInner>,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.inner.id)
+            .field("service", &self.inner.service)
+            .field("peer", &self.inner.channel.peer())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    pub(crate) fn new(
+        id: ConnectionId,
+        service: u16,
+        channel: ServerChannel,
+        waker: Arc<EventFd>,
+        response_timeout: Duration,
+    ) -> Self {
+        Self {
+            inner: Arc::new(ConnInner {
+                id,
+                service,
+                channel,
+                counters: Counters::default(),
+                dispatch_seq: AtomicU64::new(0),
+                disconnect_requested: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                waker,
+                response_timeout,
+            }),
+        }
+    }
+
+    /// The connection's id, unique within the server's lifetime.
+    pub fn id(&self) -> ConnectionId {
+        self.inner.id
+    }
+
+    /// The service the client connected to.
+    pub fn service(&self) -> u16 {
+        self.inner.service
+    }
+
+    /// The client's uid, gid and pid, from the kernel.
+    pub fn credentials(&self) -> Credentials {
+        self.inner.channel.peer()
+    }
+
+    /// Largest message (header included) in either direction.
+    pub fn max_message(&self) -> usize {
+        self.inner.channel.max_message()
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_connected(&self) -> bool {
+        !self.inner.closed.load(Ordering::Acquire) && !self.inner.disconnect_requested.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of this connection's counters.
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot()
+    }
+
+    /// Asks the server to close this connection (server-initiated
+    /// disconnect). Returns at once; the event loop closes it, wakes the
+    /// client and runs the service's disconnect callback.
+    pub fn disconnect(&self) {
+        self.inner.disconnect_requested.store(true, Ordering::Release);
+        self.inner.waker.signal();
+    }
+
+    /// The dispatch channel's flow-control state: `On` while the client's
+    /// dispatch ring is above its high watermark (until it drains to the
+    /// low one).
+    #[doc(alias = "coroipcs_dispatch_flow_control")]
+    pub fn dispatch_flow_control(&self) -> FlowState {
+        self.inner.channel.dispatch_flow()
+    }
+
+    /// Pauses (or resumes) reading this connection's requests; the client
+    /// sees request-side flow control (libqb's rate limiting).
+    pub fn pause_requests(&self, paused: bool) {
+        self.inner.channel.set_request_paused(paused);
+        if !paused {
+            self.inner.waker.signal(); // the loop resumes reading it
+        }
+    }
+
+    /// Whether request reading is paused.
+    pub fn requests_paused(&self) -> bool {
+        self.inner.channel.request_paused()
+    }
+
+    fn check_open(&self) -> Result<(), ChannelError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(ChannelError::PeerGone);
+        }
+        Ok(())
+    }
+
+    fn count_flow(&self, change: FlowChange) {
+        let c = &self.inner.counters;
+        match change {
+            FlowChange::Raised => Counters::bump(&c.flow_control_on, 1),
+            FlowChange::Cleared => Counters::bump(&c.flow_control_off, 1),
+            FlowChange::None => {}
+        }
+    }
+
+    fn dispatch_header(&self, id: u32) -> [u8; HEADER_LEN] {
+        let seq = self.inner.dispatch_seq.fetch_add(1, Ordering::Relaxed);
+        MessageHeader { id, flags: 0, seq }.encode()
+    }
+
+    fn after_dispatch(
+        &self,
+        result: Result<FlowChange, ChannelError>,
+        len: usize,
+    ) -> Result<(), DispatchError> {
+        let c = &self.inner.counters;
+        match result {
+            Ok(change) => {
+                Counters::bump(&c.dispatched, 1);
+                Counters::bump(&c.bytes_out, len as u64);
+                self.count_flow(change);
+                Ok(())
+            }
+            Err(ChannelError::TryAgain) => {
+                Counters::bump(&c.retries, 1);
+                Err(DispatchError::TryAgain)
+            }
+            Err(e) => {
+                Counters::bump(&c.errors, 1);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Sends dispatch message `id` with `payload` without blocking
+    /// (coroipc's `coroipcs_dispatch_send`). Callable from any thread.
+    ///
+    /// # Errors
+    ///
+    /// [`DispatchError::TryAgain`] while flow control is on or the ring is
+    /// full (nothing is dropped: send it again later), `TooBig`,
+    /// `Disconnected`.
+    #[doc(alias = "coroipcs_dispatch_send")]
+    pub fn try_dispatch(&self, id: u32, payload: &[u8]) -> Result<(), DispatchError> {
+        self.try_dispatch_vectored(id, &[IoSlice::new(payload)])
+    }
+
+    /// Gathering form of [`try_dispatch`](Self::try_dispatch).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_dispatch`](Self::try_dispatch).
+    #[doc(alias = "coroipcs_dispatch_iov_send")]
+    pub fn try_dispatch_vectored(&self, id: u32, parts: &[IoSlice<'_>]) -> Result<(), DispatchError> {
+        self.check_open()?;
+        let header = self.dispatch_header(id);
+        let iov = with_header(&header, parts);
+        let len = iov.iter().map(|p| p.len()).sum();
+        self.after_dispatch(self.inner.channel.try_dispatch(&iov), len)
+    }
+
+    /// Sends a dispatch message, waiting up to `timeout` while flow control
+    /// is on or the ring is full.
+    ///
+    /// # Errors
+    ///
+    /// `Timeout`, `TooBig`, `Disconnected`.
+    pub fn dispatch_timeout(
+        &self,
+        id: u32,
+        parts: &[IoSlice<'_>],
+        timeout: Duration,
+    ) -> Result<(), DispatchError> {
+        self.check_open()?;
+        let header = self.dispatch_header(id);
+        let iov = with_header(&header, parts);
+        let len = iov.iter().map(|p| p.len()).sum();
+        self.after_dispatch(self.inner.channel.dispatch_timeout(&iov, timeout), len)
+    }
+
+    /// Sends a response to request `seq` (used by `Call` and `Responder`).
+    pub(crate) fn respond(
+        &self,
+        seq: u64,
+        status: Status,
+        parts: &[IoSlice<'_>],
+    ) -> Result<(), RespondError> {
+        self.check_open()?;
+        let header = MessageHeader { id: status.code(), flags: 0, seq }.encode();
+        let iov = with_header(&header, parts);
+        let len: usize = iov.iter().map(|p| p.len()).sum();
+        let c = &self.inner.counters;
+        match self.inner.channel.send_response(&iov, self.inner.response_timeout) {
+            Ok(()) => {
+                Counters::bump(&c.responses, 1);
+                Counters::bump(&c.bytes_out, len as u64);
+                Ok(())
+            }
+            Err(e) => {
+                Counters::bump(&c.errors, 1);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// `header` followed by `parts`, without copying the parts. Small vectors
+/// stay on the stack.
+fn with_header<'a>(header: &'a [u8; HEADER_LEN], parts: &[IoSlice<'a>]) -> Vec<IoSlice<'a>> {
+    let mut iov = Vec::with_capacity(parts.len() + 1);
+    iov.push(IoSlice::new(header));
+    iov.extend_from_slice(parts);
+    iov
+}

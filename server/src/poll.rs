@@ -1,0 +1,113 @@
+//! The abstracted poll system: the server owns no event loop.
+//!
+//! The application's loop implements [`Poller`]; the server registers its
+//! file descriptors through it, each with a [`Token`], and the application
+//! calls [`Server::handle_event`](crate::Server::handle_event) with the
+//! token of every descriptor that became readable. Interest is always
+//! "readable", level-triggered: it fits `poll(2)`, `epoll`, `mio` and the
+//! like. [`EpollPoller`] is the built-in implementation behind
+//! [`Server::run`](crate::Server::run).
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll;
+use rustix::event::Timespec;
+
+/// Identifies a registered descriptor to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Token(pub u64);
+
+/// What the server needs from an event loop.
+#[doc(alias = "coroipcs_init_state")]
+pub trait Poller {
+    /// Starts watching `fd` for readability (and hang-up), reporting it as
+    /// `token`.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the loop's registration fails with.
+    fn register(&mut self, fd: BorrowedFd<'_>, token: Token) -> io::Result<()>;
+
+    /// Changes the token of a registered `fd`.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the loop's modification fails with.
+    fn modify(&mut self, fd: BorrowedFd<'_>, token: Token) -> io::Result<()>;
+
+    /// Stops watching `fd`. Called before the server closes it.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the loop's removal fails with.
+    fn deregister(&mut self, fd: BorrowedFd<'_>) -> io::Result<()>;
+}
+
+/// The built-in poller: level-triggered epoll.
+pub struct EpollPoller {
+    epoll: OwnedFd,
+    events: Vec<epoll::Event>,
+}
+
+impl EpollPoller {
+    /// Creates an epoll instance.
+    ///
+    /// # Errors
+    ///
+    /// The `epoll_create1(2)` error.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self { epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?, events: Vec::with_capacity(256) })
+    }
+
+    /// Waits up to `timeout` (`None`: forever) and appends the tokens of
+    /// ready descriptors to `ready`.
+    ///
+    /// # Errors
+    ///
+    /// The `epoll_wait(2)` error other than `EINTR`.
+    pub fn wait(&mut self, ready: &mut Vec<Token>, timeout: Option<Duration>) -> io::Result<()> {
+        self.events.clear();
+        let ts = timeout.map(|d| Timespec::try_from(d).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 }));
+        match epoll::wait(&self.epoll, spare_capacity(&mut self.events), ts.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        ready.extend(self.events.iter().map(|e| Token(e.data.u64())));
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for EpollPoller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpollPoller").field("epoll", &self.epoll).finish_non_exhaustive()
+    }
+}
+
+impl AsFd for EpollPoller {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+}
+
+impl Poller for EpollPoller {
+    fn register(&mut self, fd: BorrowedFd<'_>, token: Token) -> io::Result<()> {
+        let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
+        epoll::add(&self.epoll, fd, epoll::EventData::new_u64(token.0), flags)?;
+        Ok(())
+    }
+
+    fn modify(&mut self, fd: BorrowedFd<'_>, token: Token) -> io::Result<()> {
+        let flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
+        epoll::modify(&self.epoll, fd, epoll::EventData::new_u64(token.0), flags)?;
+        Ok(())
+    }
+
+    fn deregister(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        epoll::delete(&self.epoll, fd)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,818 @@
+//! The server: builder, event-loop entry points, the built-in loop, and the
+//! handle other threads use to control it.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use coroipc_transport::channel::{negotiate, ChannelError, Limits, PendingHandshake};
+use coroipc_transport::eventfd::EventFd;
+use coroipc_transport::handshake::{HandshakeDecodeError, Refusal, RingSizes};
+use coroipc_transport::message::{MessageHeader, FLAG_ONEWAY, HEADER_LEN, KNOWN_FLAGS};
+use coroipc_transport::socket::{Endpoint, Listener};
+use coroipc_transport::waiter::spin_until;
+
+use crate::connection::{Connection, ConnectionId, Credentials};
+use crate::error::ServerBuildError;
+use crate::poll::{EpollPoller, Poller, Token};
+use crate::service::{Disconnect, Outcome, Request, ServiceBuilder, ServiceDyn, State};
+use crate::stats::Stats;
+
+/// The listener's token.
+pub const LISTENER_TOKEN: Token = Token(0);
+/// The waker's token (other threads wake the loop through it).
+pub const WAKER_TOKEN: Token = Token(1);
+const FIRST_CONNECTION_ID: u64 = 2;
+
+/// Requests handled per connection before the loop moves on to the next
+/// one (fairness between connections).
+const REQUEST_BATCH: usize = 64;
+
+/// The authentication decision: peer credentials (from the kernel) and the
+/// service asked for → accept, or the refusal the client will see.
+pub type AuthFn = dyn Fn(&Credentials, u16) -> Result<(), Refusal> + Send + Sync;
+
+/// Builds a [`Server`] (coroipc's `coroipcs_ipc_init` with its
+/// `init_state` callbacks).
+#[doc(alias = "coroipcs_ipc_init")]
+pub struct ServerBuilder {
+    endpoint: Option<Result<Endpoint, String>>,
+    services: Vec<Arc<dyn ServiceDyn>>,
+    auth: Option<Arc<AuthFn>>,
+    limits: Limits,
+    max_connections: usize,
+    spin: Duration,
+    handshake_timeout: Duration,
+    response_timeout: Duration,
+}
+
+impl Default for ServerBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerBuilder {
+    /// A builder with default limits: 1024 connections, messages up to
+    /// 8 KiB by default and 1 MiB at most, a 50 µs spin budget.
+    pub fn new() -> Self {
+        Self {
+            endpoint: None,
+            services: Vec::new(),
+            auth: None,
+            limits: Limits::default(),
+            max_connections: 1024,
+            spin: Duration::from_micros(50),
+            handshake_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Where to listen: a filesystem path, or `@name` for a Linux abstract
+    /// socket name.
+    pub fn endpoint(mut self, endpoint: &str) -> Self {
+        self.endpoint = Some(Endpoint::parse(endpoint).map_err(|e| e.to_string()));
+        self
+    }
+
+    /// Adds a service.
+    pub fn service<S: Send + 'static>(mut self, service: ServiceBuilder<S>) -> Self {
+        self.services.push(service.build());
+        self
+    }
+
+    /// Sets the authentication decision, run for every connection before
+    /// any memory is created for it. Without one, every peer is accepted.
+    pub fn auth(
+        mut self,
+        f: impl Fn(&Credentials, u16) -> Result<(), Refusal> + Send + Sync + 'static,
+    ) -> Self {
+        self.auth = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets the message and ring limits and defaults.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Sets the largest connection count; further clients are refused with
+    /// "connection limit".
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// How long the built-in loop polls busy connections before it sleeps
+    /// (0: always sleep in epoll).
+    pub fn spin(mut self, budget: Duration) -> Self {
+        self.spin = budget;
+        self
+    }
+
+    /// How long a client may take to send its hello.
+    pub fn handshake_timeout(mut self, t: Duration) -> Self {
+        self.handshake_timeout = t;
+        self
+    }
+
+    /// How long a response may wait for a client to make room.
+    pub fn response_timeout(mut self, t: Duration) -> Self {
+        self.response_timeout = t;
+        self
+    }
+
+    /// Binds the endpoint and returns the server.
+    ///
+    /// # Errors
+    ///
+    /// [`ServerBuildError`] for a missing or bad endpoint, duplicate
+    /// services, inconsistent limits or a failed bind.
+    pub fn build(self) -> Result<Server, ServerBuildError> {
+        let endpoint = match self.endpoint {
+            None => return Err(ServerBuildError::NoEndpoint),
+            Some(Err(e)) => return Err(ServerBuildError::BadEndpoint(e)),
+            Some(Ok(e)) => e,
+        };
+        let mut services: HashMap<u16, Arc<dyn ServiceDyn>> = HashMap::new();
+        for s in self.services {
+            let id = s.id();
+            if services.insert(id, s).is_some() {
+                return Err(ServerBuildError::DuplicateService(id));
+            }
+        }
+        if negotiate(&RingSizes::default(), &self.limits).is_err() {
+            return Err(ServerBuildError::BadLimits("the default sizes exceed the limits"));
+        }
+        if self.limits.dispatch_low_percent >= self.limits.dispatch_high_percent
+            || self.limits.dispatch_high_percent > 100
+        {
+            return Err(ServerBuildError::BadLimits("dispatch watermarks must be low < high <= 100"));
+        }
+        let listener = Listener::bind(&endpoint)?;
+        let shared = Arc::new(Shared {
+            waker: Arc::new(EventFd::new()?),
+            shutdown: AtomicBool::new(false),
+            control: Mutex::new(ControlRequests::default()),
+            registry: Mutex::new(HashMap::new()),
+            closed_stats: Mutex::new(Stats::default()),
+        });
+        Ok(Server {
+            listener,
+            shared,
+            services,
+            auth: self.auth,
+            limits: self.limits,
+            max_connections: self.max_connections,
+            spin: self.spin,
+            handshake_timeout: self.handshake_timeout,
+            response_timeout: self.response_timeout,
+            next_id: FIRST_CONNECTION_ID,
+            pending: HashMap::new(),
+            conns: HashMap::new(),
+            closing: Vec::new(),
+            active: Vec::new(),
+            paused_services: Vec::new(),
+            scratch: Vec::new(),
+            stopped: false,
+        })
+    }
+}
+
+#[derive(Default)]
+struct ControlRequests {
+    shutdown_services: Vec<u16>,
+    pause_services: Vec<(u16, bool)>,
+}
+
+/// State shared with [`ServerHandle`]s and connections.
+struct Shared {
+    waker: Arc<EventFd>,
+    shutdown: AtomicBool,
+    control: Mutex<ControlRequests>,
+    registry: Mutex<HashMap<ConnectionId, Connection>>,
+    /// Counters of connections that are gone.
+    closed_stats: Mutex<Stats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct Entry {
+    conn: Connection,
+    service: Arc<dyn ServiceDyn>,
+    state: State,
+    /// Armed: announced as a poller, waiting for the request eventfd.
+    armed: bool,
+}
+
+struct Closing {
+    conn: Connection,
+    service: Arc<dyn ServiceDyn>,
+    state: State,
+    retry_at: Instant,
+}
+
+/// A coroipc server: a listening endpoint and its services.
+///
+/// The server owns no event loop: register it with any loop through
+/// [`register`](Self::register) and call
+/// [`handle_event`](Self::handle_event) for ready tokens — or call
+/// [`run`](Self::run) for the built-in epoll loop. Other threads control it
+/// through a [`ServerHandle`].
+pub struct Server {
+    listener: Listener,
+    shared: Arc<Shared>,
+    services: HashMap<u16, Arc<dyn ServiceDyn>>,
+    auth: Option<Arc<AuthFn>>,
+    limits: Limits,
+    max_connections: usize,
+    spin: Duration,
+    handshake_timeout: Duration,
+    response_timeout: Duration,
+    next_id: u64,
+    pending: HashMap<u64, PendingHandshake>,
+    conns: HashMap<ConnectionId, Entry>,
+    closing: Vec<Closing>,
+    /// Connections polled without arming (they had requests recently).
+    active: Vec<ConnectionId>,
+    paused_services: Vec<u16>,
+    scratch: Vec<u8>,
+    stopped: bool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("endpoint", self.listener.endpoint())
+            .field("connections", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Controls a running server from any thread. Cheap to clone.
+#[derive(Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ServerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandle").finish_non_exhaustive()
+    }
+}
+
+impl ServerHandle {
+    /// Shuts the whole server down: every connection is closed (waking its
+    /// client), disconnect callbacks run, and [`Server::run`] returns.
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.waker.signal();
+    }
+
+    /// Shuts one service down: its connections are closed and new clients
+    /// of it are refused with "no such service".
+    pub fn shutdown_service(&self, service: u16) {
+        lock(&self.shared.control).shutdown_services.push(service);
+        self.shared.waker.signal();
+    }
+
+    /// Pauses (or resumes) reading requests on every connection of
+    /// `service` (request-side flow control).
+    pub fn pause_service(&self, service: u16, paused: bool) {
+        lock(&self.shared.control).pause_services.push((service, paused));
+        self.shared.waker.signal();
+    }
+
+    /// The open connections.
+    pub fn connections(&self) -> Vec<Connection> {
+        let mut v: Vec<Connection> = lock(&self.shared.registry).values().cloned().collect();
+        v.sort_by_key(Connection::id);
+        v
+    }
+
+    /// The connection with `id`, if open.
+    pub fn connection(&self, id: ConnectionId) -> Option<Connection> {
+        lock(&self.shared.registry).get(&id).cloned()
+    }
+
+    /// Server-wide counters: every connection, open or gone.
+    pub fn stats(&self) -> Stats {
+        let open: Vec<Stats> = lock(&self.shared.registry).values().map(Connection::stats).collect();
+        let mut all = open;
+        all.push(*lock(&self.shared.closed_stats));
+        Stats::sum(all.iter())
+    }
+}
+
+impl Server {
+    /// A builder.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder::new()
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle { shared: self.shared.clone() }
+    }
+
+    /// The endpoint the server listens on.
+    pub fn endpoint(&self) -> &Endpoint {
+        self.listener.endpoint()
+    }
+
+    /// Registers the listener and the waker with `poller`. Call once before
+    /// feeding events to [`handle_event`](Self::handle_event).
+    ///
+    /// # Errors
+    ///
+    /// The poller's registration error.
+    pub fn register(&mut self, poller: &mut dyn Poller) -> io::Result<()> {
+        poller.register(self.listener.as_fd(), LISTENER_TOKEN)?;
+        poller.register(self.shared.waker.as_fd(), WAKER_TOKEN)
+    }
+
+    /// Whether a shutdown completed (the loop should stop).
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Handles one ready token reported by the event loop.
+    pub fn handle_event(&mut self, token: Token, poller: &mut dyn Poller) {
+        match token {
+            LISTENER_TOKEN => self.handle_accept(poller),
+            WAKER_TOKEN => self.handle_wake(poller),
+            Token(id) => self.handle_ready(id, poller),
+        }
+    }
+
+    /// "Listener ready" (coroipc's `coroipcs_handler_accept`): accepts
+    /// every queued client and starts their handshakes.
+    #[doc(alias = "coroipcs_handler_accept")]
+    pub fn handle_accept(&mut self, poller: &mut dyn Poller) {
+        loop {
+            let stream = match self.listener.try_accept() {
+                Ok(Some(s)) => s,
+                Ok(None) => return,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            let pending = match PendingHandshake::new(stream) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("handshake set-up failed: {e}");
+                    continue;
+                }
+            };
+            let id = self.next_id;
+            self.next_id += 1;
+            if let Err(e) = poller.register(pending.stream().as_fd(), Token(id)) {
+                log::warn!("cannot register a new client: {e}");
+                continue;
+            }
+            self.pending.insert(id, pending);
+            // The hello may already be there.
+            self.advance_handshake(id, poller);
+        }
+    }
+
+    /// "Connection ready" (coroipc's `coroipcs_handler_dispatch`): reads the
+    /// hello of a pending client, or serves the requests of a connection and
+    /// notices its hang-up.
+    #[doc(alias = "coroipcs_handler_dispatch")]
+    pub fn handle_ready(&mut self, id: u64, poller: &mut dyn Poller) {
+        if self.pending.contains_key(&id) {
+            self.advance_handshake(id, poller);
+            return;
+        }
+        let Some(entry) = self.conns.get_mut(&id) else { return };
+        if entry.armed {
+            entry.conn.inner.channel.disarm();
+            entry.armed = false;
+            self.active.push(id);
+        }
+        if !entry.conn.inner.channel.peer_alive() {
+            self.close_connection(id, poller, "client closed the connection");
+            return;
+        }
+        self.serve(id, poller);
+    }
+
+    fn handle_wake(&mut self, poller: &mut dyn Poller) {
+        self.shared.waker.drain();
+        let requests = std::mem::take(&mut *lock(&self.shared.control));
+        for (service, paused) in requests.pause_services {
+            if paused {
+                self.paused_services.push(service);
+            } else {
+                self.paused_services.retain(|&s| s != service);
+            }
+            for e in self.conns.values().filter(|e| e.service.id() == service) {
+                e.conn.inner.channel.set_request_paused(paused);
+            }
+        }
+        for service in requests.shutdown_services {
+            self.services.remove(&service);
+            let ids: Vec<_> =
+                self.conns.iter().filter(|(_, e)| e.service.id() == service).map(|(id, _)| *id).collect();
+            for id in ids {
+                self.close_connection(id, poller, "service shut down");
+            }
+        }
+        let requested: Vec<_> = self
+            .conns
+            .iter()
+            .filter(|(_, e)| e.conn.inner.disconnect_requested.load(Ordering::Acquire))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in requested {
+            self.close_connection(id, poller, "disconnected by the server");
+        }
+        // Resumed connections may have requests waiting without a wake-up.
+        let resumed: Vec<_> = self.conns.keys().copied().collect();
+        for id in resumed {
+            if self.conns.get(&id).is_some_and(|e| !e.armed || e.conn.inner.channel.has_request()) {
+                self.serve(id, poller);
+            }
+        }
+        if self.shared.shutdown.load(Ordering::Acquire) {
+            self.stop(poller);
+        }
+    }
+
+    /// Periodic housekeeping: drops handshakes older than the handshake
+    /// timeout (slow-loris clients), retries disconnect callbacks that asked
+    /// to be retried, notices dead clients of idle connections. Call it from
+    /// a foreign loop every few tens of milliseconds.
+    pub fn tick(&mut self, poller: &mut dyn Poller) {
+        let now = Instant::now();
+        let stale: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.started()) > self.handshake_timeout)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = poller.deregister(p.stream().as_fd());
+                log::info!("dropping client {id}: handshake timed out");
+            }
+        }
+        let mut still = Vec::new();
+        for mut c in std::mem::take(&mut self.closing) {
+            if c.retry_at > now {
+                still.push(c);
+                continue;
+            }
+            match c.service.disconnect(&mut c.state, &c.conn) {
+                Disconnect::Done => self.finish_close(c.conn),
+                Disconnect::RetryLater => {
+                    c.retry_at = now + Duration::from_millis(10);
+                    still.push(c);
+                }
+            }
+        }
+        self.closing = still;
+        // Connections stalled on a full response ring: retry them.
+        let ids: Vec<_> = self.conns.keys().copied().collect();
+        for id in ids {
+            if self.conns.get(&id).is_some_and(|e| e.conn.inner.channel.has_request()) {
+                self.serve(id, poller);
+            }
+        }
+    }
+
+    fn advance_handshake(&mut self, id: u64, poller: &mut dyn Poller) {
+        let Some(pending) = self.pending.get_mut(&id) else { return };
+        let hello = match pending.poll_hello() {
+            Ok(None) => return,
+            Ok(Some(hello)) => hello,
+            Err(e) => {
+                log::info!("client {id} dropped during handshake: {e}");
+                if let Some(p) = self.pending.remove(&id) {
+                    let _ = poller.deregister(p.stream().as_fd());
+                }
+                return;
+            }
+        };
+        let pending = self.pending.remove(&id).expect("present above");
+        let hello = match hello {
+            Ok(h) => h,
+            Err(e) => {
+                let refusal = match e {
+                    HandshakeDecodeError::UnsupportedVersion { .. } => Refusal::VersionMismatch,
+                    _ => Refusal::Invalid,
+                };
+                log::info!("client {id} sent a bad hello: {e}");
+                let _ = poller.deregister(pending.stream().as_fd());
+                pending.refuse(refusal);
+                return;
+            }
+        };
+        let decision = self
+            .admit(&pending, hello.service)
+            .and_then(|service| negotiate(&hello.sizes, &self.limits).map(|sizes| (service, sizes)));
+        let (service, sizes) = match decision {
+            Ok(ok) => ok,
+            Err(refusal) => {
+                log::info!("client {id} refused: {refusal}");
+                let _ = poller.deregister(pending.stream().as_fd());
+                pending.refuse(refusal);
+                return;
+            }
+        };
+        let channel = match pending.accept(sizes, &self.limits) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("client {id}: cannot set up the connection: {e}");
+                return; // the stream was closed by `accept`; epoll forgets it
+            }
+        };
+        let conn =
+            Connection::new(id, service.id(), channel, self.shared.waker.clone(), self.response_timeout);
+        if let Err(e) = poller.register(conn.inner.channel.request_fd(), Token(id)) {
+            log::warn!("client {id}: cannot register: {e}");
+            let _ = poller.deregister(conn.inner.channel.socket_fd());
+            return;
+        }
+        if self.paused_services.contains(&service.id()) {
+            conn.inner.channel.set_request_paused(true);
+        }
+        lock(&self.shared.registry).insert(id, conn.clone());
+        self.conns.insert(
+            id,
+            Entry { conn: conn.clone(), service: service.clone(), state: Box::new(()), armed: false },
+        );
+        self.active.push(id);
+        match service.connect(&conn) {
+            Ok(state) => {
+                if let Some(e) = self.conns.get_mut(&id) {
+                    e.state = state;
+                }
+                self.serve(id, poller);
+            }
+            Err(refusal) => {
+                log::info!("client {id}: service {} refused the connection: {refusal}", service.id());
+                // No state was made, so there is no disconnect callback.
+                self.conns.remove(&id);
+                self.unregister(&conn, poller);
+                self.finish_close(conn);
+            }
+        }
+    }
+
+    /// The admission checks that need no memory: service, limits, auth.
+    fn admit(&self, pending: &PendingHandshake, service: u16) -> Result<Arc<dyn ServiceDyn>, Refusal> {
+        let svc = self.services.get(&service).ok_or(Refusal::NoSuchService)?;
+        if self.conns.len() >= self.max_connections {
+            return Err(Refusal::ConnectionLimit);
+        }
+        if let Some(max) = svc.max_connections() {
+            if self.conns.values().filter(|e| e.service.id() == service).count() >= max {
+                return Err(Refusal::ConnectionLimit);
+            }
+        }
+        if let Some(auth) = &self.auth {
+            auth(&pending.peer(), service)?;
+        }
+        Ok(svc.clone())
+    }
+
+    /// Serves up to a batch of requests of connection `id`.
+    /// Returns how many were handled.
+    fn serve(&mut self, id: ConnectionId, poller: &mut dyn Poller) -> usize {
+        let Some(entry) = self.conns.get_mut(&id) else { return 0 };
+        let conn = entry.conn.clone();
+        let channel = &conn.inner.channel;
+        if conn.inner.disconnect_requested.load(Ordering::Acquire) {
+            self.close_connection(id, poller, "disconnected by the server");
+            return 0;
+        }
+        if channel.request_paused() {
+            return 0;
+        }
+        let max = channel.max_message();
+        let mut handled = 0;
+        while handled < REQUEST_BATCH {
+            // Backpressure: take a request only if its response will fit, so
+            // answering never blocks the loop.
+            if !channel.response_space_for(max) {
+                break;
+            }
+            match channel.try_recv_request(&mut self.scratch) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    Self::count_error(&conn);
+                    self.close_connection(id, poller, &format!("protocol violation: {e}"));
+                    return handled;
+                }
+            }
+            handled += 1;
+            let Some(header) = MessageHeader::decode(&self.scratch) else {
+                Self::count_error(&conn);
+                self.close_connection(id, poller, "request shorter than its header");
+                return handled;
+            };
+            if header.flags & !KNOWN_FLAGS != 0 || header.id > u32::from(u16::MAX) {
+                Self::count_error(&conn);
+                self.close_connection(id, poller, "request with unknown flags or command");
+                return handled;
+            }
+            let c = &conn.inner.counters;
+            crate::stats::Counters::bump(&c.requests, 1);
+            crate::stats::Counters::bump(&c.bytes_in, self.scratch.len() as u64);
+            let request = Request {
+                command: header.id as u16,
+                seq: header.seq,
+                oneway: header.flags & FLAG_ONEWAY != 0,
+                payload: &self.scratch[HEADER_LEN..],
+            };
+            let Some(entry) = self.conns.get_mut(&id) else { return handled };
+            match entry.service.handle(&mut entry.state, &conn, request) {
+                Outcome::Handled => {}
+                Outcome::Vetoed => crate::stats::Counters::bump(&c.retries, 1),
+                Outcome::Unknown => crate::stats::Counters::bump(&c.errors, 1),
+            }
+            if conn.inner.disconnect_requested.load(Ordering::Acquire) {
+                self.close_connection(id, poller, "disconnected by the server");
+                return handled;
+            }
+        }
+        handled
+    }
+
+    fn count_error(conn: &Connection) {
+        crate::stats::Counters::bump(&conn.inner.counters.errors, 1);
+    }
+
+    fn unregister(&mut self, conn: &Connection, poller: &mut dyn Poller) {
+        let _ = poller.deregister(conn.inner.channel.socket_fd());
+        let _ = poller.deregister(conn.inner.channel.request_fd());
+        self.active.retain(|&a| a != conn.id());
+    }
+
+    /// Closes a connection: wakes the client, runs the disconnect callback
+    /// (again later if it asks), then forgets the connection.
+    fn close_connection(&mut self, id: ConnectionId, poller: &mut dyn Poller, why: &str) {
+        let Some(mut entry) = self.conns.remove(&id) else { return };
+        log::debug!("closing connection {id}: {why}");
+        self.unregister(&entry.conn, poller);
+        entry.conn.inner.closed.store(true, Ordering::Release);
+        entry.conn.inner.channel.close();
+        match entry.service.disconnect(&mut entry.state, &entry.conn) {
+            Disconnect::Done => self.finish_close(entry.conn),
+            Disconnect::RetryLater => self.closing.push(Closing {
+                conn: entry.conn,
+                service: entry.service,
+                state: entry.state,
+                retry_at: Instant::now() + Duration::from_millis(10),
+            }),
+        }
+    }
+
+    fn finish_close(&mut self, conn: Connection) {
+        conn.inner.closed.store(true, Ordering::Release);
+        conn.inner.channel.close();
+        lock(&self.shared.registry).remove(&conn.id());
+        let mut closed = lock(&self.shared.closed_stats);
+        *closed = Stats::sum([&*closed, &conn.stats()]);
+    }
+
+    fn stop(&mut self, poller: &mut dyn Poller) {
+        let ids: Vec<_> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.close_connection(id, poller, "server shutting down");
+        }
+        for (_, p) in self.pending.drain() {
+            let _ = poller.deregister(p.stream().as_fd());
+        }
+        // Disconnect callbacks that asked to be retried get one more chance
+        // each; state is dropped after that.
+        for mut c in std::mem::take(&mut self.closing) {
+            let _ = c.service.disconnect(&mut c.state, &c.conn);
+            self.finish_close(c.conn);
+        }
+        let _ = poller.deregister(self.listener.as_fd());
+        let _ = poller.deregister(self.shared.waker.as_fd());
+        self.stopped = true;
+    }
+
+    /// Serves the active connections (those that had requests recently)
+    /// without sleeping: polls them for up to the spin budget, returns as
+    /// soon as one had requests. Returns whether anything was served.
+    fn poll_active(&mut self, poller: &mut dyn Poller) -> bool {
+        if self.active.is_empty() {
+            return false;
+        }
+        let active = self.active.clone();
+        let conns = &self.conns;
+        let mut ready =
+            || active.iter().any(|id| conns.get(id).is_some_and(|e| e.conn.inner.channel.has_request()));
+        if !spin_until(&mut ready, self.spin) {
+            return false;
+        }
+        let mut served = 0;
+        for id in active {
+            served += self.serve(id, poller);
+        }
+        served > 0
+    }
+
+    /// Arms every active connection (announces that the loop will sleep in
+    /// epoll); returns `true` if a request arrived meanwhile, in which case
+    /// the loop must not sleep.
+    fn arm_active(&mut self) -> bool {
+        let mut raced = false;
+        for id in std::mem::take(&mut self.active) {
+            if let Some(e) = self.conns.get_mut(&id) {
+                if e.conn.inner.channel.arm() {
+                    raced = true;
+                }
+                e.armed = true;
+            }
+        }
+        raced
+    }
+
+    /// Runs the built-in event loop (epoll) until
+    /// [`ServerHandle::shutdown`].
+    ///
+    /// Between two requests of a busy client the loop does not sleep: it
+    /// polls the connections that were active for the spin budget, and only
+    /// then arms their eventfds and sleeps in `epoll_wait` (ARCHITECTURE.md
+    /// explains the choice and its measurements).
+    ///
+    /// # Errors
+    ///
+    /// An error of the epoll instance itself.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut poller = EpollPoller::new()?;
+        self.register(&mut poller)?;
+        let mut ready = Vec::with_capacity(64);
+        let mut last_tick = Instant::now();
+        let mut last_epoll = Instant::now();
+        const TICK: Duration = Duration::from_millis(10);
+        while !self.stopped {
+            if self.poll_active(&mut poller) {
+                // Busy: look at other descriptors now and then, not per request.
+                if last_epoll.elapsed() < Duration::from_micros(200) {
+                    continue;
+                }
+                last_epoll = Instant::now();
+                poller.wait(&mut ready, Some(Duration::ZERO))?;
+            } else if self.arm_active() {
+                continue;
+            } else {
+                poller.wait(&mut ready, Some(TICK))?;
+                last_epoll = Instant::now();
+            }
+            for token in ready.drain(..) {
+                self.handle_event(token, &mut poller);
+            }
+            if last_tick.elapsed() >= TICK {
+                last_tick = Instant::now();
+                self.tick(&mut poller);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts [`run`](Self::run) on a new thread; returns a handle and the
+    /// thread's join handle.
+    ///
+    /// # Errors
+    ///
+    /// The thread spawn error.
+    pub fn spawn(self) -> io::Result<(ServerHandle, std::thread::JoinHandle<io::Result<()>>)> {
+        let handle = self.handle();
+        let join = std::thread::Builder::new().name("coroipc-server".into()).spawn(move || self.run())?;
+        Ok((handle, join))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        for (_, e) in self.conns.drain() {
+            e.conn.inner.closed.store(true, Ordering::Release);
+            e.conn.inner.channel.close();
+        }
+        lock(&self.shared.registry).clear();
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<Server>();
+    is_send::<ServerHandle>();
+    is_send::<Connection>();
+    let _ = ChannelError::TryAgain;
+}

@@ -1,0 +1,394 @@
+//! Services: per-connection state, connect/disconnect callbacks, request
+//! admission and the handler selector.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use coroipc_transport::handshake::Refusal;
+use coroipc_transport::message::Status;
+
+use crate::connection::Connection;
+use crate::error::RespondError;
+
+/// A request as a handler sees it: in server-private memory (copied out of
+/// the shared ring before any handler runs, so a client cannot change it
+/// while it is read).
+#[derive(Clone, Copy, Debug)]
+pub struct Request<'a> {
+    pub(crate) command: u16,
+    pub(crate) seq: u64,
+    pub(crate) oneway: bool,
+    pub(crate) payload: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    /// The command id.
+    pub fn command(&self) -> u16 {
+        self.command
+    }
+
+    /// The client's sequence number for this request.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether the client wants no response (fire-and-forget).
+    pub fn is_oneway(&self) -> bool {
+        self.oneway
+    }
+
+    /// The payload (the message after its header).
+    pub fn payload(&self) -> &'a [u8] {
+        self.payload
+    }
+}
+
+/// A service's verdict on one request before its handler runs (coroipc's
+/// `sending_allowed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Run the handler.
+    Allow,
+    /// Answer "try again" without running the handler.
+    TryAgain,
+    /// Answer "invalid" without running the handler.
+    Invalid,
+}
+
+/// What a disconnect callback asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disconnect {
+    /// Done: drop the connection's state.
+    Done,
+    /// Not yet (the service still holds work for it): call again later.
+    RetryLater,
+}
+
+/// One request being handled: the request, the connection's state, and
+/// the means to answer — now ([`respond`](Self::respond)) or later from any
+/// thread ([`defer`](Self::defer)).
+///
+/// Every request that wants a response gets exactly one: a `Call` dropped
+/// without answering answers [`Status::Invalid`], so a client never waits
+/// for a response that will not come.
+pub struct Call<'a, S> {
+    request: Request<'a>,
+    state: &'a mut S,
+    connection: &'a Connection,
+    answered: bool,
+}
+
+impl<S> fmt::Debug for Call<'_, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Call").field("request", &self.request).finish_non_exhaustive()
+    }
+}
+
+impl<'a, S> Call<'a, S> {
+    /// The request.
+    pub fn request(&self) -> Request<'a> {
+        self.request
+    }
+
+    /// The request payload.
+    pub fn payload(&self) -> &'a [u8] {
+        self.request.payload
+    }
+
+    /// The connection's state (coroipc's `coroipcs_private_data_get`).
+    #[doc(alias = "coroipcs_private_data_get")]
+    pub fn state(&mut self) -> &mut S {
+        self.state
+    }
+
+    /// The connection (clone it to keep it past this call).
+    pub fn connection(&self) -> &Connection {
+        self.connection
+    }
+
+    /// Answers with `payload` (coroipc's `coroipcs_response_send`).
+    ///
+    /// # Errors
+    ///
+    /// [`RespondError`] if the connection closed or the response is too big.
+    #[doc(alias = "coroipcs_response_send")]
+    pub fn respond(self, payload: &[u8]) -> Result<(), RespondError> {
+        self.respond_vectored(&[IoSlice::new(payload)])
+    }
+
+    /// Answers with the concatenation of `parts` (coroipc's
+    /// `coroipcs_response_iov_send`).
+    ///
+    /// # Errors
+    ///
+    /// As [`respond`](Self::respond).
+    #[doc(alias = "coroipcs_response_iov_send")]
+    pub fn respond_vectored(mut self, parts: &[IoSlice<'_>]) -> Result<(), RespondError> {
+        self.answered = true;
+        if self.request.oneway {
+            return Ok(());
+        }
+        self.connection.respond(self.request.seq, Status::Ok, parts)
+    }
+
+    /// Answers with an error status and no payload.
+    ///
+    /// # Errors
+    ///
+    /// As [`respond`](Self::respond).
+    pub fn respond_status(mut self, status: Status) -> Result<(), RespondError> {
+        self.answered = true;
+        if self.request.oneway {
+            return Ok(());
+        }
+        self.connection.respond(self.request.seq, status, &[])
+    }
+
+    /// Answers later: the returned [`Responder`] can be moved to another
+    /// thread and keeps the connection alive until it answers.
+    pub fn defer(mut self) -> Responder {
+        self.answered = true;
+        Responder {
+            connection: self.connection.clone(),
+            seq: self.request.seq,
+            oneway: self.request.oneway,
+            answered: false,
+        }
+    }
+}
+
+impl<S> Drop for Call<'_, S> {
+    fn drop(&mut self) {
+        if !self.answered && !self.request.oneway {
+            let _ = self.connection.respond(self.request.seq, Status::Invalid, &[]);
+        }
+    }
+}
+
+/// A deferred answer to one request, sendable from any thread. Dropping it
+/// without answering answers [`Status::Invalid`].
+#[derive(Debug)]
+pub struct Responder {
+    connection: Connection,
+    seq: u64,
+    oneway: bool,
+    answered: bool,
+}
+
+impl Responder {
+    /// The request's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The connection.
+    pub fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
+    /// Answers with `payload`.
+    ///
+    /// # Errors
+    ///
+    /// [`RespondError::Disconnected`] if the client went away meanwhile.
+    pub fn respond(self, payload: &[u8]) -> Result<(), RespondError> {
+        self.respond_vectored(&[IoSlice::new(payload)])
+    }
+
+    /// Answers with the concatenation of `parts`.
+    ///
+    /// # Errors
+    ///
+    /// As [`respond`](Self::respond).
+    pub fn respond_vectored(mut self, parts: &[IoSlice<'_>]) -> Result<(), RespondError> {
+        self.answered = true;
+        if self.oneway {
+            return Ok(());
+        }
+        self.connection.respond(self.seq, Status::Ok, parts)
+    }
+
+    /// Answers with an error status.
+    ///
+    /// # Errors
+    ///
+    /// As [`respond`](Self::respond).
+    pub fn respond_status(mut self, status: Status) -> Result<(), RespondError> {
+        self.answered = true;
+        if self.oneway {
+            return Ok(());
+        }
+        self.connection.respond(self.seq, status, &[])
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.answered && !self.oneway {
+            let _ = self.connection.respond(self.seq, Status::Invalid, &[]);
+        }
+    }
+}
+
+/// A request handler.
+pub type Handler<S> = Arc<dyn Fn(Call<'_, S>) + Send + Sync>;
+
+type ConnectFn<S> = Box<dyn Fn(&Connection) -> Result<S, Refusal> + Send + Sync>;
+type DisconnectFn<S> = Box<dyn Fn(&Connection, &mut S) -> Disconnect + Send + Sync>;
+type SelectorFn<S> = Box<dyn Fn(u16) -> Option<Handler<S>> + Send + Sync>;
+type AdmissionFn<S> = Box<dyn Fn(&Request<'_>, &mut S, &Connection) -> Admission + Send + Sync>;
+
+/// Describes one service: its id, the per-connection state type `S`, its
+/// callbacks and handlers. Hand it to
+/// [`ServerBuilder::service`](crate::ServerBuilder::service).
+pub struct ServiceBuilder<S> {
+    id: u16,
+    connect: ConnectFn<S>,
+    disconnect: Option<DisconnectFn<S>>,
+    handlers: HashMap<u16, Handler<S>>,
+    selector: Option<SelectorFn<S>>,
+    admission: Option<AdmissionFn<S>>,
+    max_connections: Option<usize>,
+}
+
+impl<S: Send + 'static> ServiceBuilder<S> {
+    /// A service with id `id` whose per-connection state is made by
+    /// `connect` when a client connects (coroipc's `lib_init_fn`). The
+    /// callback may dispatch to the new connection; an `Err` closes it.
+    pub fn new(id: u16, connect: impl Fn(&Connection) -> Result<S, Refusal> + Send + Sync + 'static) -> Self {
+        Self {
+            id,
+            connect: Box::new(connect),
+            disconnect: None,
+            handlers: HashMap::new(),
+            selector: None,
+            admission: None,
+            max_connections: None,
+        }
+    }
+
+    /// Called when the connection goes away (client disconnect or death,
+    /// server-initiated disconnect, shutdown); may ask to be called again
+    /// later (coroipc's `lib_exit_fn` returning -1).
+    pub fn on_disconnect(
+        mut self,
+        f: impl Fn(&Connection, &mut S) -> Disconnect + Send + Sync + 'static,
+    ) -> Self {
+        self.disconnect = Some(Box::new(f));
+        self
+    }
+
+    /// Registers the handler of command `command` in the default table.
+    pub fn handler(mut self, command: u16, f: impl Fn(Call<'_, S>) + Send + Sync + 'static) -> Self {
+        self.handlers.insert(command, Arc::new(f));
+        self
+    }
+
+    /// Replaces the table lookup with a user-defined selector (coroipc's
+    /// handler selector): returns the handler for a command id, or `None`
+    /// ("invalid" is answered).
+    pub fn selector(mut self, f: impl Fn(u16) -> Option<Handler<S>> + Send + Sync + 'static) -> Self {
+        self.selector = Some(Box::new(f));
+        self
+    }
+
+    /// Sets a per-request veto run before the handler (coroipc's
+    /// `sending_allowed`).
+    pub fn admission(
+        mut self,
+        f: impl Fn(&Request<'_>, &mut S, &Connection) -> Admission + Send + Sync + 'static,
+    ) -> Self {
+        self.admission = Some(Box::new(f));
+        self
+    }
+
+    /// Limits the number of simultaneous connections to this service.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    pub(crate) fn build(self) -> Arc<dyn ServiceDyn> {
+        Arc::new(self)
+    }
+}
+
+/// Per-connection state, type-erased.
+pub(crate) type State = Box<dyn Any + Send>;
+
+/// The type-erased face of a service, used by the event loop.
+pub(crate) trait ServiceDyn: Send + Sync {
+    fn id(&self) -> u16;
+    fn max_connections(&self) -> Option<usize>;
+    fn connect(&self, conn: &Connection) -> Result<State, Refusal>;
+    /// Admission, selection and the handler; answers itself on refusal.
+    fn handle(&self, state: &mut State, conn: &Connection, request: Request<'_>) -> Outcome;
+    fn disconnect(&self, state: &mut State, conn: &Connection) -> Disconnect;
+}
+
+/// What became of one request (for statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Handled,
+    Vetoed,
+    Unknown,
+}
+
+impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
+    fn id(&self) -> u16 {
+        self.id
+    }
+
+    fn max_connections(&self) -> Option<usize> {
+        self.max_connections
+    }
+
+    fn connect(&self, conn: &Connection) -> Result<State, Refusal> {
+        (self.connect)(conn).map(|s| Box::new(s) as State)
+    }
+
+    fn handle(&self, state: &mut State, conn: &Connection, request: Request<'_>) -> Outcome {
+        // The state was made by this service's `connect`, so the downcast
+        // holds; answer "invalid" rather than panic if it ever did not.
+        let Some(state) = state.downcast_mut::<S>() else {
+            let _ = conn.respond(request.seq, Status::Invalid, &[]);
+            return Outcome::Unknown;
+        };
+        if let Some(admission) = &self.admission {
+            let verdict = admission(&request, state, conn);
+            let status = match verdict {
+                Admission::Allow => None,
+                Admission::TryAgain => Some(Status::TryAgain),
+                Admission::Invalid => Some(Status::Invalid),
+            };
+            if let Some(status) = status {
+                if !request.oneway {
+                    let _ = conn.respond(request.seq, status, &[]);
+                }
+                return Outcome::Vetoed;
+            }
+        }
+        let handler = match &self.selector {
+            Some(select) => select(request.command),
+            None => self.handlers.get(&request.command).cloned(),
+        };
+        let Some(handler) = handler else {
+            if !request.oneway {
+                let _ = conn.respond(request.seq, Status::Invalid, &[]);
+            }
+            return Outcome::Unknown;
+        };
+        handler(Call { request, state, connection: conn, answered: false });
+        Outcome::Handled
+    }
+
+    fn disconnect(&self, state: &mut State, conn: &Connection) -> Disconnect {
+        match (&self.disconnect, state.downcast_mut::<S>()) {
+            (Some(f), Some(state)) => f(conn, state),
+            _ => Disconnect::Done,
+        }
+    }
+}
