@@ -233,3 +233,73 @@ impl BlockingConsumer {
         Some(popped)
     }
 }
+
+/// Model bodies shared by the regular models and the teeth models
+/// (`tests/loom_teeth.rs` runs them with an ordering weakened and expects
+/// loom to fail). Call them inside `loom::model`.
+pub mod models {
+    use std::sync::Arc;
+
+    use coroipc_ring::RingConfig;
+    use loom::thread;
+
+    use super::{
+        consumer, decode, new_ring, payload, producer, BlockingConsumer, BlockingProducer, LoomFutex,
+    };
+
+    /// SPSC, 64-byte ring, records of 32, 16 and 32 bytes: the third needs a
+    /// padding record and the wrap to index 0. Checks every byte and the order.
+    pub fn spsc_wrap_with_padding() {
+        const LENS: [usize; 3] = [20, 5, 17];
+        let region = new_ring(&RingConfig::new(64));
+        let futex = Arc::new(LoomFutex::new());
+        let mut tx = BlockingProducer::new(&region, &futex);
+        let mut rx = BlockingConsumer::new(&region, &futex);
+
+        let writer = thread::spawn(move || {
+            for (seq, len) in LENS.into_iter().enumerate() {
+                tx.push(&payload(0, seq as u8, len));
+            }
+        });
+
+        for (seq, len) in LENS.into_iter().enumerate() {
+            let (bytes, _) = rx.pop();
+            assert_eq!(bytes.len(), len, "record {seq} must keep its length");
+            assert_eq!(decode(&bytes), (0, seq as u8), "records must arrive in push order");
+        }
+        writer.join().expect("producer thread");
+        assert!(rx.try_pop().is_none(), "nothing may remain after the last record");
+    }
+
+    /// The consumer waits for data with `data_wait().wait_once(..)` in a
+    /// loop; the producer pushes one record, then `data_wait().notify(..)`.
+    /// A lost wake-up leaves the consumer asleep forever: loom reports the
+    /// deadlock.
+    pub fn consumer_waits_for_data() {
+        let region = new_ring(&RingConfig::new(64));
+        let futex = Arc::new(LoomFutex::new());
+        let mut tx = producer(&region);
+        let mut rx = consumer(&region);
+        // A second handle for the wait point: `WaitPoint` borrows the
+        // endpoint it came from, and the condition needs `&mut rx`.
+        let rx_view = consumer(&region);
+
+        let notifier = futex.clone();
+        let writer = thread::spawn(move || {
+            tx.try_push(&payload(0, 1, 12)).expect("empty ring has room");
+            tx.data_wait().notify(&*notifier);
+        });
+
+        let bytes = loop {
+            match rx.try_pop_vec() {
+                Ok(bytes) => break bytes,
+                Err(coroipc_ring::PopError::Empty) => {
+                    rx_view.data_wait().wait_once(&*futex, || rx.has_data().unwrap_or(true), None);
+                }
+                Err(e) => panic!("pop on a healthy ring must only fail Empty, got {e:?}"),
+            }
+        };
+        assert_eq!(decode(&bytes), (0, 1), "the record waited for must arrive intact");
+        writer.join().expect("producer thread");
+    }
+}
