@@ -1,8 +1,39 @@
 //! # coroipc-client — layer 3 of coroipc-rs (coroipcc)
 //!
-//! Will hold the client half of the coroipc API: connecting to a service,
-//! synchronous calls with copying and zero-copy receive, dispatch receive
-//! through a pollable fd, and flow-control queries. Contains no `unsafe`.
+//! The client half of the coroipc API: connect to one service of a server,
+//! call it synchronously (copying or zero-copy receive), pipeline requests
+//! whose responses come back in any order, receive dispatch messages
+//! through a pollable fd, and see flow control in both directions.
+//! Contains no `unsafe`.
 //!
-//! Not built yet: this crate currently exports nothing.
+//! ## Guarantees
+//!
+//! * Every call returns: with the response, with the service's error, with
+//!   `Timeout` when asked for one, or with `ConnectionLost` within 100 ms
+//!   of the server's death.
+//! * Responses are matched to requests by sequence number: a late answer to
+//!   a timed-out call is never taken for the answer to a later one.
+//! * A server that breaks the protocol yields `Error::Protocol`, never a
+//!   panic or an out-of-bounds read.
+//!
+//! ## Example
+//!
+//! ```no_run
+//! use coroipc_client::Client;
+//!
+//! let client = Client::connect("@coroipc-echo", 1)?;
+//! let mut buf = [0u8; 64];
+//! let n = client.call(0, b"hello", &mut buf)?;
+//! assert_eq!(&buf[..n], b"hello");
+//! # Ok::<(), coroipc_client::Error>(())
+//! ```
 #![forbid(unsafe_code)]
+
+mod client;
+mod error;
+
+pub use client::{Client, ClientBuilder, DispatchGuard, DispatchInfo, ResponseGuard, Sizes, Ticket};
+pub use coroipc_ring::FlowState;
+pub use coroipc_transport::message::Status;
+pub use coroipc_transport::waiter::{SleepMode, WaitPolicy};
+pub use error::{Error, Result};

@@ -1,0 +1,648 @@
+//! The client connection.
+
+use std::collections::{HashMap, HashSet};
+use std::io::IoSlice;
+use std::ops::Deref;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use coroipc_ring::FlowState;
+use coroipc_transport::channel::{ChannelError, ClientChannel};
+use coroipc_transport::handshake::{ClientHello, RingSizes};
+use coroipc_transport::message::{MessageHeader, Status, FLAG_ONEWAY, HEADER_LEN};
+use coroipc_transport::socket::{Endpoint, PeerCred};
+use coroipc_transport::waiter::WaitPolicy;
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
+use crate::error::{Error, Result};
+
+/// Sizes a client asks for; 0 (the default) means "the server's default".
+pub type Sizes = RingSizes;
+
+/// Identifies a pipelined request (its sequence number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ticket(pub u64);
+
+/// A received dispatch message's header fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DispatchInfo {
+    /// The service's message id.
+    pub id: u32,
+    /// The connection's dispatch sequence number.
+    pub seq: u64,
+    /// Payload length in bytes.
+    pub len: usize,
+}
+
+/// Configures and opens a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientBuilder {
+    endpoint: String,
+    service: u16,
+    sizes: Sizes,
+    timeout: Duration,
+    policy: WaitPolicy,
+    max_in_flight: usize,
+}
+
+impl ClientBuilder {
+    /// Sizes to ask for (0 fields: the server's defaults).
+    pub fn sizes(mut self, sizes: Sizes) -> Self {
+        self.sizes = sizes;
+        self
+    }
+
+    /// Largest message to ask for (header included).
+    pub fn max_message(mut self, bytes: u32) -> Self {
+        self.sizes.max_message_bytes = bytes;
+        self
+    }
+
+    /// How long connecting may take (default 5 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How blocking calls wait (spin budget, then futex or poll).
+    pub fn wait_policy(mut self, policy: WaitPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Largest number of pipelined requests in flight (default 256).
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// Connects (coroipc's `coroipcc_service_connect`).
+    ///
+    /// # Errors
+    ///
+    /// `Io` if nobody listens or access to the socket is denied;
+    /// `AccessDenied`, `NoSuchService`, `TooBig`, `ConnectionLimit`,
+    /// `VersionMismatch` when the server refuses; `Timeout`; `Protocol` if
+    /// the server's answer is malformed.
+    #[doc(alias = "coroipcc_service_connect")]
+    pub fn connect(self) -> Result<Client> {
+        let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
+        let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
+        let mut channel = ClientChannel::connect(&endpoint, &hello, self.timeout)?;
+        channel.set_wait_policy(self.policy);
+        let dispatch_fd = channel.dispatch_fd().try_clone_to_owned().map_err(Error::Io)?;
+        let socket_fd = channel.socket_fd().try_clone_to_owned().map_err(Error::Io)?;
+        Ok(Client {
+            inner: Mutex::new(Inner {
+                channel,
+                next_seq: 1,
+                outstanding: HashSet::new(),
+                arrived: HashMap::new(),
+                max_in_flight: self.max_in_flight,
+            }),
+            dispatch_fd,
+            socket_fd,
+        })
+    }
+}
+
+struct Inner {
+    channel: ClientChannel,
+    next_seq: u64,
+    /// Pipelined requests whose response has not been collected.
+    outstanding: HashSet<u64>,
+    /// Responses that arrived for outstanding tickets before they were
+    /// asked for: (status, payload).
+    arrived: HashMap<u64, (Status, Vec<u8>)>,
+    max_in_flight: usize,
+}
+
+/// A connection to one service of a coroipc server.
+///
+/// `Send + Sync`: calls from several threads are serialised, pipelined
+/// requests are matched to their responses by sequence number; nothing is
+/// interleaved or lost. Dropping it disconnects (coroipc's
+/// `coroipcc_service_disconnect`).
+#[doc(alias = "coroipcc_service_disconnect")]
+pub struct Client {
+    inner: Mutex<Inner>,
+    /// Duplicates of the dispatch eventfd and the socket, to sleep on
+    /// without holding the lock.
+    dispatch_fd: OwnedFd,
+    socket_fd: OwnedFd,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("dispatch_fd", &self.dispatch_fd).finish_non_exhaustive()
+    }
+}
+
+fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.map(|t| Instant::now() + t)
+}
+
+/// A response read in place (zero-copy). The response stays in the ring
+/// until the guard drops; it holds the connection's lock meanwhile.
+pub struct ResponseGuard<'a> {
+    inner: MutexGuard<'a, Inner>,
+}
+
+impl Deref for ResponseGuard<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.inner.channel.current_response().map_or(&[], |m| &m[HEADER_LEN..])
+    }
+}
+
+impl Drop for ResponseGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.channel.release_response();
+    }
+}
+
+impl std::fmt::Debug for ResponseGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseGuard").field("len", &self.len()).finish()
+    }
+}
+
+/// A dispatch message read in place (zero-copy); released on drop.
+pub struct DispatchGuard<'a> {
+    inner: MutexGuard<'a, Inner>,
+    info: DispatchInfo,
+}
+
+impl DispatchGuard<'_> {
+    /// The message's id and sequence number.
+    pub fn info(&self) -> DispatchInfo {
+        self.info
+    }
+}
+
+impl Deref for DispatchGuard<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.inner.channel.current_dispatch().map_or(&[], |m| &m[HEADER_LEN..])
+    }
+}
+
+impl Drop for DispatchGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.channel.release_dispatch();
+    }
+}
+
+impl std::fmt::Debug for DispatchGuard<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatchGuard").field("info", &self.info).finish()
+    }
+}
+
+impl Inner {
+    fn send(
+        &mut self,
+        command: u16,
+        flags: u32,
+        parts: &[IoSlice<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<u64> {
+        let seq = self.next_seq;
+        let header = MessageHeader { id: u32::from(command), flags, seq }.encode();
+        let mut iov = Vec::with_capacity(parts.len() + 1);
+        iov.push(IoSlice::new(&header));
+        iov.extend_from_slice(parts);
+        match deadline {
+            Some(d) if d <= Instant::now() => self.channel.try_send(&iov)?,
+            _ => self.channel.send(&iov, deadline)?,
+        }
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Waits for the response to `seq` and leaves it peeked (readable
+    /// through `current_response`). Responses for other outstanding tickets
+    /// are stashed; late responses of abandoned calls are dropped.
+    fn await_response(&mut self, seq: u64, deadline: Option<Instant>) -> Result<(Status, usize)> {
+        loop {
+            let header = match self.channel.peek_response()? {
+                Some(msg) => match MessageHeader::decode(msg) {
+                    Some(h) => (h, msg.len() - HEADER_LEN),
+                    None => {
+                        self.channel.release_response();
+                        return Err(Error::Protocol("response shorter than its header".into()));
+                    }
+                },
+                None => {
+                    self.channel.wait_response(deadline)?;
+                    continue;
+                }
+            };
+            let (h, len) = header;
+            if h.seq == seq {
+                return Ok((Status::from_code(h.id), len));
+            }
+            if self.outstanding.contains(&h.seq) {
+                let payload =
+                    self.channel.current_response().map(|m| m[HEADER_LEN..].to_vec()).unwrap_or_default();
+                self.arrived.insert(h.seq, (Status::from_code(h.id), payload));
+            }
+            // Otherwise: the late answer to a call that timed out.
+            self.channel.release_response();
+        }
+    }
+
+    fn copy_response(&mut self, status: Status, len: usize, buf: &mut [u8]) -> Result<usize> {
+        if let Some(e) = Error::from_status(status) {
+            self.channel.release_response();
+            return Err(e);
+        }
+        if len > buf.len() {
+            self.channel.release_response();
+            return Err(Error::BufferTooSmall { needed: len });
+        }
+        if let Some(m) = self.channel.current_response() {
+            buf[..len].copy_from_slice(&m[HEADER_LEN..]);
+        }
+        self.channel.release_response();
+        Ok(len)
+    }
+}
+
+impl Client {
+    /// Connects to `service` at `endpoint` (a path, or `@name` for an
+    /// abstract socket) with default sizes and a 5 s timeout.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::connect`].
+    #[doc(alias = "coroipcc_service_connect")]
+    pub fn connect(endpoint: &str, service: u16) -> Result<Self> {
+        Self::builder(endpoint, service).connect()
+    }
+
+    /// A builder for `service` at `endpoint`.
+    pub fn builder(endpoint: &str, service: u16) -> ClientBuilder {
+        ClientBuilder {
+            endpoint: endpoint.to_owned(),
+            service,
+            sizes: Sizes::default(),
+            timeout: Duration::from_secs(5),
+            policy: WaitPolicy::default(),
+            max_in_flight: 256,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The server's credentials, from the kernel (check them to be sure you
+    /// talk to the daemon you expect).
+    pub fn server_credentials(&self) -> PeerCred {
+        self.lock().channel.server_credentials()
+    }
+
+    /// The negotiated sizes.
+    pub fn sizes(&self) -> Sizes {
+        self.lock().channel.sizes()
+    }
+
+    /// Largest message (header included) in either direction.
+    pub fn max_message(&self) -> usize {
+        self.lock().channel.max_message()
+    }
+
+    /// Sets how blocking calls wait.
+    pub fn set_wait_policy(&self, policy: WaitPolicy) {
+        self.lock().channel.set_wait_policy(policy);
+    }
+
+    /// Sends `request` as command `command`, blocks until the response
+    /// arrives and copies it into `response`; returns its length
+    /// (coroipc's `coroipcc_msg_send_reply_receive`).
+    ///
+    /// # Errors
+    ///
+    /// `BufferTooSmall` (the response is discarded: the call completed),
+    /// `TooBig`, `ConnectionLost`, `TryAgain`/`Invalid`/`Service` as
+    /// answered by the service, `Timeout` (only with
+    /// [`call_timeout`](Self::call_timeout)).
+    #[doc(alias = "coroipcc_msg_send_reply_receive")]
+    pub fn call(&self, command: u16, request: &[u8], response: &mut [u8]) -> Result<usize> {
+        self.call_timeout(command, &[IoSlice::new(request)], response, None)
+    }
+
+    /// Gathering form of [`call`](Self::call).
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](Self::call).
+    pub fn call_vectored(&self, command: u16, request: &[IoSlice<'_>], response: &mut [u8]) -> Result<usize> {
+        self.call_timeout(command, request, response, None)
+    }
+
+    /// [`call`](Self::call) bounded by `timeout` (`None`: unbounded). On
+    /// timeout the request may still be answered later; that late response
+    /// is recognised by its sequence number and discarded, never mistaken
+    /// for the answer to a later call.
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](Self::call), plus `Timeout`.
+    pub fn call_timeout(
+        &self,
+        command: u16,
+        request: &[IoSlice<'_>],
+        response: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<usize> {
+        let deadline = deadline(timeout);
+        let mut inner = self.lock();
+        let seq = inner.send(command, 0, request, deadline)?;
+        let (status, len) = inner.await_response(seq, deadline)?;
+        inner.copy_response(status, len, response)
+    }
+
+    /// Sends `request` and returns the response in place, without copying
+    /// (coroipc's `coroipcc_msg_send_reply_receive_in_buf`). The guard
+    /// holds the connection until dropped.
+    ///
+    /// # Errors
+    ///
+    /// As [`call_timeout`](Self::call_timeout).
+    #[doc(alias = "coroipcc_msg_send_reply_receive_in_buf")]
+    pub fn call_in_place(
+        &self,
+        command: u16,
+        request: &[IoSlice<'_>],
+        timeout: Option<Duration>,
+    ) -> Result<ResponseGuard<'_>> {
+        let deadline = deadline(timeout);
+        let mut inner = self.lock();
+        let seq = inner.send(command, 0, request, deadline)?;
+        let (status, _) = inner.await_response(seq, deadline)?;
+        if let Some(e) = Error::from_status(status) {
+            inner.channel.release_response();
+            return Err(e);
+        }
+        Ok(ResponseGuard { inner })
+    }
+
+    /// Sends a request without waiting for its response (pipelining);
+    /// collect the response with [`wait`](Self::wait) or
+    /// [`wait_any`](Self::wait_any). Waits up to `timeout` for ring space.
+    ///
+    /// # Errors
+    ///
+    /// `TryAgain` if `max_in_flight` requests are outstanding or (with a
+    /// zero timeout) the ring is full or request flow control is on;
+    /// `Timeout`, `TooBig`, `ConnectionLost`.
+    pub fn send(&self, command: u16, request: &[IoSlice<'_>], timeout: Option<Duration>) -> Result<Ticket> {
+        let deadline = deadline(timeout);
+        let mut inner = self.lock();
+        if inner.outstanding.len() >= inner.max_in_flight {
+            return Err(Error::TryAgain);
+        }
+        let seq = inner.send(command, 0, request, deadline)?;
+        inner.outstanding.insert(seq);
+        Ok(Ticket(seq))
+    }
+
+    /// Sends a request that wants no response (fire-and-forget).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub fn send_oneway(
+        &self,
+        command: u16,
+        request: &[IoSlice<'_>],
+        timeout: Option<Duration>,
+    ) -> Result<()> {
+        let deadline = deadline(timeout);
+        self.lock().send(command, FLAG_ONEWAY, request, deadline).map(|_| ())
+    }
+
+    /// Collects the response of `ticket` into `response`.
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](Self::call); `Invalid` for a ticket that is not
+    /// outstanding; `Timeout` (the ticket stays outstanding).
+    pub fn wait(&self, ticket: Ticket, response: &mut [u8], timeout: Option<Duration>) -> Result<usize> {
+        let deadline = deadline(timeout);
+        let mut inner = self.lock();
+        if !inner.outstanding.contains(&ticket.0) {
+            return Err(Error::Invalid);
+        }
+        if let Some((status, payload)) = inner.arrived.remove(&ticket.0) {
+            inner.outstanding.remove(&ticket.0);
+            return copy_stashed(status, &payload, response);
+        }
+        let (status, len) = inner.await_response(ticket.0, deadline)?;
+        inner.outstanding.remove(&ticket.0);
+        inner.copy_response(status, len, response)
+    }
+
+    /// Collects whichever outstanding response arrives first.
+    ///
+    /// # Errors
+    ///
+    /// As [`wait`](Self::wait); `Invalid` if nothing is outstanding. An
+    /// error answer is returned as `Err` after the ticket is removed; use
+    /// [`wait`](Self::wait) to learn which ticket failed.
+    pub fn wait_any(
+        &self,
+        response: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<(Ticket, Result<usize>)> {
+        let deadline = deadline(timeout);
+        let mut inner = self.lock();
+        if let Some(&seq) = inner.arrived.keys().next() {
+            let (status, payload) = inner.arrived.remove(&seq).expect("key exists");
+            inner.outstanding.remove(&seq);
+            return Ok((Ticket(seq), copy_stashed(status, &payload, response)));
+        }
+        if inner.outstanding.is_empty() {
+            return Err(Error::Invalid);
+        }
+        loop {
+            let Some(msg) = inner.channel.peek_response()? else {
+                inner.channel.wait_response(deadline)?;
+                continue;
+            };
+            let Some(h) = MessageHeader::decode(msg) else {
+                inner.channel.release_response();
+                return Err(Error::Protocol("response shorter than its header".into()));
+            };
+            let len = msg.len() - HEADER_LEN;
+            if inner.outstanding.remove(&h.seq) {
+                let result = inner.copy_response(Status::from_code(h.id), len, response);
+                return Ok((Ticket(h.seq), result));
+            }
+            inner.channel.release_response();
+        }
+    }
+
+    /// Number of pipelined requests not yet collected.
+    pub fn in_flight(&self) -> usize {
+        self.lock().outstanding.len()
+    }
+
+    /// Receives one dispatch message into `buf` without waiting
+    /// (coroipc's `coroipcc_dispatch_recv` with timeout 0). When it returns
+    /// `TryAgain`, the dispatch fd ([`AsFd`]) becomes readable as soon as
+    /// the next message arrives.
+    ///
+    /// # Errors
+    ///
+    /// `TryAgain` if none is waiting, `BufferTooSmall` (kept), `ConnectionLost`.
+    #[doc(alias = "coroipcc_dispatch_recv")]
+    pub fn try_recv_dispatch(&self, buf: &mut [u8]) -> Result<DispatchInfo> {
+        let mut inner = self.lock();
+        let Some(msg) = inner.channel.peek_dispatch()? else {
+            return Err(Error::TryAgain);
+        };
+        let Some(h) = MessageHeader::decode(msg) else {
+            inner.channel.release_dispatch();
+            return Err(Error::Protocol("dispatch message shorter than its header".into()));
+        };
+        let len = msg.len() - HEADER_LEN;
+        if len > buf.len() {
+            return Err(Error::BufferTooSmall { needed: len });
+        }
+        buf[..len].copy_from_slice(&msg[HEADER_LEN..]);
+        inner.channel.release_dispatch();
+        Ok(DispatchInfo { id: h.id, seq: h.seq, len })
+    }
+
+    /// Receives one dispatch message, waiting up to `timeout` (`None`:
+    /// forever). Sleeps without holding the connection, so other threads
+    /// keep calling meanwhile.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_recv_dispatch`](Self::try_recv_dispatch), with `Timeout`
+    /// instead of `TryAgain`.
+    pub fn recv_dispatch(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<DispatchInfo> {
+        let deadline = deadline(timeout);
+        loop {
+            match self.try_recv_dispatch(buf) {
+                Err(Error::TryAgain) => {}
+                other => return other,
+            }
+            self.sleep_dispatch(deadline)?;
+        }
+    }
+
+    /// Receives one dispatch message in place (zero-copy), without waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_recv_dispatch`](Self::try_recv_dispatch).
+    pub fn try_recv_dispatch_in_place(&self) -> Result<DispatchGuard<'_>> {
+        let mut inner = self.lock();
+        let Some(msg) = inner.channel.peek_dispatch()? else {
+            return Err(Error::TryAgain);
+        };
+        let Some(h) = MessageHeader::decode(msg) else {
+            inner.channel.release_dispatch();
+            return Err(Error::Protocol("dispatch message shorter than its header".into()));
+        };
+        let info = DispatchInfo { id: h.id, seq: h.seq, len: msg.len() - HEADER_LEN };
+        Ok(DispatchGuard { inner, info })
+    }
+
+    /// Receives one dispatch message in place, waiting up to `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// As [`recv_dispatch`](Self::recv_dispatch).
+    pub fn recv_dispatch_in_place(&self, timeout: Option<Duration>) -> Result<DispatchGuard<'_>> {
+        let deadline = deadline(timeout);
+        loop {
+            match self.try_recv_dispatch_in_place() {
+                Err(Error::TryAgain) => {}
+                other => return other,
+            }
+            self.sleep_dispatch(deadline)?;
+        }
+    }
+
+    /// Sleeps until the (armed) dispatch fd or the socket is readable, or
+    /// the deadline.
+    fn sleep_dispatch(&self, deadline: Option<Instant>) -> Result<()> {
+        let left = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(Error::Timeout);
+                }
+                Some(left)
+            }
+            None => None,
+        };
+        let mut fds = [
+            PollFd::new(&self.dispatch_fd, PollFlags::IN),
+            PollFd::new(&self.socket_fd, PollFlags::IN | PollFlags::RDHUP),
+        ];
+        let ts = left.map(|d| Timespec::try_from(d).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 }));
+        match poll(&mut fds, ts.as_ref()) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(Error::Io(e.into())),
+        }
+    }
+
+    /// The dispatch channel's flow-control state: `On` while the server
+    /// holds back dispatch messages because this client's ring is full
+    /// (coroipc's `coroipcc_dispatch_flow_control_get`).
+    #[doc(alias = "coroipcc_dispatch_flow_control_get")]
+    pub fn dispatch_flow_control(&self) -> FlowState {
+        self.lock().channel.dispatch_flow()
+    }
+
+    /// The request channel's flow-control state: `On` while the server
+    /// paused reading this client's requests.
+    pub fn request_flow_control(&self) -> FlowState {
+        if self.lock().channel.request_paused() {
+            FlowState::On
+        } else {
+            FlowState::Off
+        }
+    }
+
+    /// Whether the server is still there.
+    pub fn is_connected(&self) -> bool {
+        self.lock().channel.peer_alive()
+    }
+}
+
+fn copy_stashed(status: Status, payload: &[u8], buf: &mut [u8]) -> Result<usize> {
+    if let Some(e) = Error::from_status(status) {
+        return Err(e);
+    }
+    if payload.len() > buf.len() {
+        return Err(Error::BufferTooSmall { needed: payload.len() });
+    }
+    buf[..payload.len()].copy_from_slice(payload);
+    Ok(payload.len())
+}
+
+impl AsFd for Client {
+    /// The dispatch fd: poll it for readability, then call
+    /// [`try_recv_dispatch`](Client::try_recv_dispatch) until `TryAgain`
+    /// (coroipc's `coroipcc_fd_get`).
+    #[doc(alias = "coroipcc_fd_get")]
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.dispatch_fd.as_fd()
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_traits() {
+    fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<Client>();
+    let _ = ChannelError::TryAgain;
+}

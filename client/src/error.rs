@@ -1,0 +1,129 @@
+//! The client's one error type, with coroipc's `cs_error_t` meanings.
+
+use std::fmt;
+use std::io;
+
+use coroipc_transport::channel::{ChannelError, ConnectError};
+use coroipc_transport::handshake::Refusal;
+use coroipc_transport::message::Status;
+
+/// Everything a client call can fail with.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// Not possible now (request flow control on, ring full, server busy,
+    /// nothing to receive); try again (`CS_ERR_TRY_AGAIN`).
+    TryAgain,
+    /// The server refused the credentials (`CS_ERR_ACCESS`).
+    AccessDenied,
+    /// The server offers no such service (`CS_ERR_NOT_EXIST`).
+    NoSuchService,
+    /// The request was invalid: unknown command, refused by the service
+    /// (`CS_ERR_INVALID_PARAM`).
+    Invalid,
+    /// The message exceeds the negotiated maximum, or asked-for sizes exceed
+    /// the server's limits (`CS_ERR_TOO_BIG`).
+    TooBig,
+    /// The call did not complete in time (`CS_ERR_TIMEOUT`).
+    Timeout,
+    /// The server closed the connection or died (`CS_ERR_LIBRARY`).
+    ConnectionLost,
+    /// The service or server is shutting down.
+    ShuttingDown,
+    /// The server is at its connection limit (`CS_ERR_NO_RESOURCES`).
+    ConnectionLimit,
+    /// Client and server speak different protocol versions.
+    VersionMismatch,
+    /// The caller's buffer is smaller than the message; the message was
+    /// kept and the next receive returns it again.
+    BufferTooSmall {
+        /// The message length.
+        needed: usize,
+    },
+    /// A service-defined error code.
+    Service(u32),
+    /// The server broke the protocol (bad handshake, bad shared memory).
+    Protocol(String),
+    /// Reaching the server failed (no such socket, permission, …).
+    Io(io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TryAgain => f.write_str("try again"),
+            Self::AccessDenied => f.write_str("access denied"),
+            Self::NoSuchService => f.write_str("no such service"),
+            Self::Invalid => f.write_str("invalid request"),
+            Self::TooBig => f.write_str("message too big"),
+            Self::Timeout => f.write_str("timed out"),
+            Self::ConnectionLost => f.write_str("connection lost"),
+            Self::ShuttingDown => f.write_str("shutting down"),
+            Self::ConnectionLimit => f.write_str("server at its connection limit"),
+            Self::VersionMismatch => f.write_str("protocol version mismatch"),
+            Self::BufferTooSmall { needed } => write!(f, "buffer too small: message has {needed} bytes"),
+            Self::Service(code) => write!(f, "service error {code}"),
+            Self::Protocol(what) => write!(f, "protocol error: {what}"),
+            Self::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<ChannelError> for Error {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::TryAgain => Self::TryAgain,
+            ChannelError::Timeout => Self::Timeout,
+            ChannelError::TooBig { .. } => Self::TooBig,
+            ChannelError::BufferTooSmall { needed } => Self::BufferTooSmall { needed },
+            ChannelError::PeerGone => Self::ConnectionLost,
+            ChannelError::Corrupt(c) => Self::Protocol(format!("shared memory corrupt: {c}")),
+        }
+    }
+}
+
+impl From<ConnectError> for Error {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Refused(r) => match r {
+                Refusal::AccessDenied => Self::AccessDenied,
+                Refusal::NoSuchService => Self::NoSuchService,
+                Refusal::TooBig => Self::TooBig,
+                Refusal::ConnectionLimit => Self::ConnectionLimit,
+                Refusal::VersionMismatch => Self::VersionMismatch,
+                Refusal::Invalid => Self::Invalid,
+            },
+            ConnectError::Io(e) => Self::Io(e),
+            ConnectError::Timeout => Self::Timeout,
+            other => Self::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl Error {
+    /// The error a response status stands for (`None` for success).
+    pub fn from_status(status: Status) -> Option<Self> {
+        Some(match status {
+            Status::Ok => return None,
+            Status::TryAgain => Self::TryAgain,
+            Status::Invalid => Self::Invalid,
+            Status::TooBig => Self::TooBig,
+            Status::AccessDenied => Self::AccessDenied,
+            Status::ShuttingDown => Self::ShuttingDown,
+            Status::Service(c) => Self::Service(c),
+            Status::Unknown(c) => Self::Protocol(format!("unknown status {c}")),
+        })
+    }
+}
+
+/// The client's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
