@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -215,6 +215,9 @@ pub const EP: &str = "COROIPC_TEST_EP";
 pub const MAX_CONN: &str = "COROIPC_TEST_MAX_CONN";
 /// Environment variable: "0" makes a `client` child skip its echo.
 pub const ECHO: &str = "COROIPC_TEST_ECHO";
+/// Environment variable: "1" makes a `client` child do round trips
+/// without pause after `@@READY` until it is killed.
+pub const FLOOD: &str = "COROIPC_TEST_FLOOD";
 /// Environment variable: bytes of the hello a `half-hello` child sends.
 pub const HELLO_BYTES: &str = "COROIPC_TEST_HELLO_BYTES";
 
@@ -395,6 +398,7 @@ pub fn env_endpoint() -> Endpoint {
 /// - `client`: connects to [`SERVICE_ECHO`] with [`SMALL`] sizes, does one
 ///   echo (unless [`ECHO`]=0), reports `@@READY`, then on a `CLOSE` line
 ///   closes cleanly and reports `@@CLOSED at=<ns>`; exits when stdin closes.
+///   With [`FLOOD`]=1 it does round trips without pause after `@@READY`.
 /// - `half-hello`: connects, sends the first [`HELLO_BYTES`] bytes of a
 ///   hello, reports `@@BLOCKED` and stalls until stdin closes.
 pub fn child_main(other: impl FnOnce(&str) -> bool) {
@@ -450,6 +454,16 @@ fn child_client() {
             s.max_message_bytes
         ),
     );
+    if std::env::var(FLOOD).as_deref() == Ok("1") {
+        // Round trips until killed: a SIGKILL lands mid-request.
+        std::thread::spawn(move || {
+            for seq in 2.. {
+                echo_round_trip(&mut client, seq, Duration::from_secs(10));
+            }
+        });
+        while read_stdin_line().is_some() {}
+        return;
+    }
     let mut client = Some(client);
     while let Some(line) = read_stdin_line() {
         if line == "CLOSE" {
@@ -814,6 +828,7 @@ pub struct ServerThread {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     events: Receiver<Event>,
+    backlog: Mutex<Vec<Event>>,
     connections: Arc<AtomicUsize>,
     pending: Arc<AtomicUsize>,
 }
@@ -844,7 +859,15 @@ impl ServerThread {
                 }
             })
             .expect("spawn server thread");
-        Self { endpoint, stop, handle: Some(handle), events, connections, pending }
+        Self {
+            endpoint,
+            stop,
+            handle: Some(handle),
+            events,
+            backlog: Mutex::new(Vec::new()),
+            connections,
+            pending,
+        }
     }
 
     /// Live connections (as of the server's last turn).
@@ -862,27 +885,33 @@ impl ServerThread {
         self.events.recv_timeout(timeout).ok()
     }
 
-    /// Waits for an event matching `pred`, dropping others.
+    /// Waits for an event matching `pred`; the others stay queued, in
+    /// order, for later calls.
     ///
     /// # Panics
     ///
     /// If none comes within `timeout`.
     pub fn expect_event(&self, timeout: Duration, mut pred: impl FnMut(&Event) -> bool) -> Event {
+        let mut backlog = self.backlog.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = backlog.iter().position(&mut pred) {
+            return backlog.remove(i);
+        }
         let deadline = Instant::now() + timeout;
-        let mut skipped = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(ev) if pred(&ev) => return ev,
-                Ok(ev) => skipped.push(ev),
-                Err(_) => panic!("no matching server event within {timeout:?}; saw {skipped:?}"),
+                Ok(ev) => backlog.push(ev),
+                Err(_) => panic!("no matching server event within {timeout:?}; queued {backlog:?}"),
             }
         }
     }
 
     /// Every event queued now.
     pub fn drain_events(&self) -> Vec<Event> {
-        self.events.try_iter().collect()
+        let mut all = std::mem::take(&mut *self.backlog.lock().unwrap_or_else(|e| e.into_inner()));
+        all.extend(self.events.try_iter());
+        all
     }
 
     /// Waits until `pred()` holds.

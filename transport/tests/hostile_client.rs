@@ -1,0 +1,268 @@
+//! A hostile client process: it completes the handshake by hand, maps the
+//! segment it was sent, and scribbles garbage over every part of it it can
+//! reach (control block, ring configs, positions, wait words, flow word,
+//! record headers and payloads), while pushing requests and ringing the
+//! server's bell. The server must drop that connection with an error
+//! (`Corrupt`, or `PeerGone` where the garbage lands on the client's state
+//! word), never panic or hang, and keep serving a well-behaved client
+//! concurrently.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use coroipc_ring::{Consumer, Producer, Region as RingRegion};
+use coroipc_transport::channel::{ChannelError, ClientChannel};
+use coroipc_transport::eventfd::EventFd;
+use coroipc_transport::handshake::{Region, ServerReply, REPLY_LEN};
+use coroipc_transport::segment::Segment;
+use coroipc_transport::socket::Stream;
+use coroipc_transport::waiter::socket_hung_up;
+
+const T: Duration = Duration::from_secs(10);
+/// How long a hostile client scribbles at most before giving up.
+const SCRIBBLE_FOR: Duration = Duration::from_secs(3);
+/// Environment variable: which part of the segment the hostile child hits.
+const TARGET: &str = "COROIPC_TEST_TARGET";
+
+/// Byte offsets of a ring header's fields (coroipc-ring's `header.rs`).
+const RING_CONFIG: (u64, u64) = (0, 48);
+const RING_TAIL: u64 = 128;
+const RING_HEAD: u64 = 256;
+const RING_DATA_WAIT: u64 = 384;
+const RING_SPACE_WAIT: u64 = 512;
+const RING_FLOW: u64 = 640;
+const RING_DATA: u64 = 768;
+
+/// What the server must make of garbage in a part of the segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Memory the server reads on every operation: it drops the client
+    /// with `Corrupt` while the client is still alive.
+    Corrupt,
+    /// The client's state word: any value but `OPEN` reads as closed, so
+    /// the server drops the client (`PeerGone`) while it is still alive.
+    ClosedState,
+    /// Garbage anywhere: `Corrupt` or `PeerGone` (whichever the garbage
+    /// hits first), while the client is still alive.
+    Dropped,
+    /// Memory the server never trusts after connect (ring config, copied
+    /// once at attach) or only uses as a hint (wait words: a bogus value
+    /// costs a spurious wake, nothing else): the connection keeps working
+    /// until the client leaves (`PeerGone`).
+    Harmless,
+}
+
+/// Every target, with what the server must make of it.
+const TARGETS: [(&str, Outcome); 12] = [
+    ("control", Outcome::ClosedState),
+    ("request-config", Outcome::Harmless),
+    ("request-positions", Outcome::Corrupt),
+    ("request-wait-words", Outcome::Harmless),
+    ("request-flow", Outcome::Harmless),
+    ("request-records", Outcome::Corrupt),
+    ("response-positions", Outcome::Corrupt),
+    ("response-header", Outcome::Corrupt),
+    ("dispatch-positions", Outcome::Corrupt),
+    ("dispatch-header", Outcome::Corrupt),
+    ("wait-words-everywhere", Outcome::Harmless),
+    ("everything", Outcome::Dropped),
+];
+
+#[test]
+#[ignore = "helper: runs as a child process of the other tests"]
+fn child() {
+    child_main(|role| {
+        if role == "hostile" {
+            hostile_client();
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// xorshift64*, with a bias towards values that break invariants.
+struct Garbage(u64);
+
+impl Garbage {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn word(&mut self) -> u64 {
+        const INTERESTING: [u64; 12] =
+            [0, 1, 7, 8, 4095, 4096, 1 << 32, 1 << 63, u64::MAX, u64::MAX - 7, 0xffff_ffff, 0x1_0000_0008];
+        let r = self.next();
+        if r % 2 == 0 {
+            INTERESTING[(r >> 8) as usize % INTERESTING.len()]
+        } else {
+            self.next()
+        }
+    }
+}
+
+/// The 8-aligned byte ranges `target` scribbles over.
+fn target_ranges(target: &str, a: &coroipc_transport::handshake::Accepted) -> Vec<(u64, u64)> {
+    let l = a.layout;
+    let field = |r: Region, off: u64, len: u64| (r.offset + off, r.offset + off + len);
+    let positions = |r: Region| vec![field(r, RING_TAIL, 8), field(r, RING_HEAD, 8)];
+    let waits = |r: Region| vec![field(r, RING_DATA_WAIT, 8), field(r, RING_SPACE_WAIT, 8)];
+    let header = |r: Region| vec![field(r, 0, RING_DATA)];
+    match target {
+        "control" => vec![(l.control.offset, l.control.offset + l.control.len)],
+        "request-config" => vec![field(l.request, RING_CONFIG.0, RING_CONFIG.1)],
+        "request-positions" => positions(l.request),
+        "request-wait-words" => waits(l.request),
+        "request-flow" => vec![field(l.request, RING_FLOW, 8)],
+        "request-records" => vec![(l.request.offset + RING_DATA, l.request.offset + l.request.len)],
+        "response-positions" => positions(l.response),
+        "response-header" => header(l.response),
+        "dispatch-positions" => positions(l.dispatch),
+        "dispatch-header" => header(l.dispatch),
+        "wait-words-everywhere" => [l.request, l.response, l.dispatch].into_iter().flat_map(waits).collect(),
+        "everything" => vec![(0, l.segment_len)],
+        other => panic!("unknown target {other}"),
+    }
+}
+
+/// The hostile child: a hand-made handshake, then garbage.
+fn hostile_client() {
+    let ep = env_endpoint();
+    let target = std::env::var(TARGET).expect("target");
+    let stream = Stream::connect(&ep).expect("connect");
+    stream.send_with_fds(&hello(SERVICE_ECHO, SMALL).encode(), &[]).expect("send hello");
+    let mut reply = [0u8; REPLY_LEN];
+    let fds = stream.recv_exact_with_fds(&mut reply, 4).expect("reply");
+    let ServerReply::Accepted(accepted) = ServerReply::decode(&reply).expect("decodes") else {
+        panic!("refused")
+    };
+    let mut fds = fds.into_iter();
+    let segment =
+        Arc::new(Segment::from_fd(fds.next().unwrap(), accepted.layout.segment_len).expect("segment"));
+    let request_bell = EventFd::from_fd(fds.next().unwrap()).expect("request eventfd");
+    let region: Arc<dyn RingRegion> = segment.clone();
+    let r = accepted.layout.request;
+    let mut requests =
+        Producer::attach(region.clone(), r.offset as usize, r.len as usize).expect("request ring");
+    // It drains what the server sends, so that the server is never merely
+    // waiting for space: whatever ends the connection is the garbage.
+    let attach =
+        |r: Region| Consumer::attach(region.clone(), r.offset as usize, r.len as usize).expect("ring");
+    let mut inbound = [attach(accepted.layout.response), attach(accepted.layout.dispatch)];
+    let mut sink = vec![0u8; 4096];
+    let ranges = target_ranges(&target, &accepted);
+    report("READY", &format!("pid={} target={target}", std::process::id()));
+
+    let mut garbage = Garbage(u64::from(std::process::id()) << 32 | mono_ns() | 1);
+    let start = Instant::now();
+    let mut rounds = 0u64;
+    let dropped = loop {
+        if socket_hung_up(&stream) {
+            break true;
+        }
+        if start.elapsed() > SCRIBBLE_FOR {
+            break false;
+        }
+        rounds += 1;
+        // Valid-looking traffic, so the server reads, answers and dispatches.
+        let _ = requests.try_push(&message(CMD_ECHO, rounds, b"hostile"));
+        let _ = requests.try_push(&message(CMD_DISPATCH, rounds, &4u32.to_le_bytes()));
+        request_bell.signal();
+        for ring in &mut inbound {
+            for _ in 0..16 {
+                if ring.try_pop(&mut sink).is_err() {
+                    break;
+                }
+            }
+        }
+        for _ in 0..8 {
+            let (lo, hi) = ranges[(garbage.next() as usize) % ranges.len()];
+            let words = (hi - lo) / 8;
+            let at = lo + (garbage.next() % words) * 8;
+            segment.atomic_u64(at as usize).store(garbage.word(), Ordering::Relaxed);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    report("DONE", &format!("dropped={dropped} rounds={rounds}"));
+}
+
+#[test]
+fn server_drops_scribbling_clients_and_keeps_serving_a_good_one() {
+    let server = ServerThread::spawn(abstract_endpoint("hostile"), ServerConfig::default());
+
+    // A well-behaved client does round trips the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let good = {
+        let ep = server.endpoint.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut client = ClientChannel::connect(&ep, &hello(SERVICE_ECHO, SMALL), T).expect("connect");
+            let mut worst = Duration::ZERO;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let t = Instant::now();
+                echo_round_trip(&mut client, n, T);
+                worst = worst.max(t.elapsed());
+                n += 1;
+            }
+            (n, worst)
+        })
+    };
+    let good_pid = std::process::id();
+    server.expect_event(T, |e| matches!(e, Event::Accepted { pid, .. } if *pid == Some(good_pid)));
+
+    let mut hostile: Vec<(ChildProc, &str, Outcome)> = TARGETS
+        .iter()
+        .map(|&(target, outcome)| {
+            let c =
+                spawn_child("hostile", &[(EP, server.endpoint.to_string()), (TARGET, target.to_string())]);
+            (c, target, outcome)
+        })
+        .collect();
+    for (c, _, _) in &mut hostile {
+        c.expect("READY", T);
+    }
+
+    for (c, target, outcome) in &mut hostile {
+        let done = c.expect("DONE", T);
+        let pid = c.pid();
+        let ev = server.expect_event(T, |e| matches!(e, Event::Closed { pid: p, .. } if *p == Some(pid)));
+        let Event::Closed { reason, .. } = ev else { unreachable!() };
+        eprintln!("hostile client [{target}]: {done}; server: {reason:?}");
+        let dropped_alive = field(&done, "dropped") == "true";
+        match outcome {
+            Outcome::Corrupt => {
+                assert!(matches!(reason, Err(ChannelError::Corrupt(_))), "[{target}] {reason:?}");
+                assert!(dropped_alive, "[{target}] the server dropped the client while it lived");
+            }
+            Outcome::ClosedState => {
+                assert_eq!(reason, Err(ChannelError::PeerGone), "[{target}]");
+                assert!(dropped_alive, "[{target}] the server dropped the client while it lived");
+            }
+            Outcome::Dropped => {
+                assert!(
+                    matches!(reason, Err(ChannelError::Corrupt(_) | ChannelError::PeerGone)),
+                    "[{target}] {reason:?}"
+                );
+                assert!(dropped_alive, "[{target}] the server dropped the client while it lived");
+            }
+            Outcome::Harmless => {
+                assert_eq!(reason, Err(ChannelError::PeerGone), "[{target}]");
+                assert!(!dropped_alive, "[{target}] served until the client left");
+            }
+        }
+    }
+    server.wait_until(T, "only the good client left", |s| s.connections() == 1);
+
+    stop.store(true, Ordering::Release);
+    let (n, worst) = within(T, "good client", move || good.join().expect("the good client never failed"));
+    eprintln!("good client: {n} round trips meanwhile, slowest {worst:?}");
+    assert!(n > 0);
+}
