@@ -324,6 +324,15 @@ fn small_records(c: &mut Criterion) {
     report_spurious_corrupt("ring_64B");
 }
 
+/// 64-byte records *including* our 8-byte header (56-byte payload), the way
+/// DESIGN.md §7 counts message sizes: one record per cache line.
+fn small_records_with_header(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ring_64B_record");
+    g.throughput(Throughput::Bytes(64));
+    g.bench_function("coroipc_spsc", |b| b.iter_custom(|n| coroipc_spsc::<56>(SMALL_RING_BYTES, n)));
+    g.finish();
+}
+
 fn large_records(c: &mut Criterion) {
     let mut g = c.benchmark_group("ring_4KiB");
     g.throughput(Throughput::Bytes(4096));
@@ -343,6 +352,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = small_records, large_records
+    targets = small_records, small_records_with_header, large_records
 }
 criterion_main!(benches);
