@@ -43,7 +43,7 @@ fn every_flow_transition_is_reported_once() {
     let mut tx = Producer::attach(region.clone(), 0, size).expect("attach");
     let mut rx = Consumer::attach(region.clone(), 0, size).expect("attach");
     let mut changes = Vec::new();
-    let mut release = |rx: &mut Consumer| rx.try_peek().expect("a record").release();
+    let release = |rx: &mut Consumer| rx.try_peek().expect("a record").release();
 
     changes.push(tx.try_push(&[1; 24]).expect("room")); // [0, 32)
     changes.push(tx.try_push(&[2; 8]).expect("room")); // [32, 48): fill 48, Raised
