@@ -554,16 +554,30 @@ impl ServerChannel {
                 Err(ChannelError::TryAgain) => {}
                 other => return other,
             }
-            let dispatch = &self.dispatch;
-            wait_until(
-                dispatch.space_wait(),
-                &self.dispatch_bell,
-                || dispatch.flow_state() == FlowState::Off && dispatch.can_reserve(len),
-                self.liveness(),
-                Some(deadline),
-                WaitPolicy::default(),
-            )?;
+            self.wait_dispatch_room(len, deadline)?;
         }
+    }
+
+    /// Waits until flow control is off and a dispatch message of `len`
+    /// bytes fits (another producer may still take the room first: then
+    /// [`try_dispatch`](Self::try_dispatch) says `TryAgain` and the caller
+    /// waits again). Lets a caller that serialises its own dispatchers
+    /// wait without holding its lock.
+    ///
+    /// # Errors
+    ///
+    /// `Timeout` once `deadline` passed, `PeerGone`.
+    pub fn wait_dispatch_room(&self, len: usize, deadline: Instant) -> Result<(), ChannelError> {
+        let dispatch = &self.dispatch;
+        wait_until(
+            dispatch.space_wait(),
+            &self.dispatch_bell,
+            || dispatch.flow_state() == FlowState::Off && dispatch.can_reserve(len),
+            self.liveness(),
+            Some(deadline),
+            WaitPolicy::default(),
+        )
+        .map_err(Into::into)
     }
 
     /// The dispatch ring's flow-control state.
