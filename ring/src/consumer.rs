@@ -24,6 +24,9 @@ pub struct Consumer {
     head: u64,
     /// Last validated producer position.
     tail_cache: u64,
+    /// A `Cleared` caused by releasing padding inside `try_peek`, reported
+    /// by the next `ReadGrant::release` so that no transition goes unseen.
+    unreported_clear: bool,
 }
 
 /// A record borrowed from the ring: valid until released or dropped.
@@ -53,7 +56,7 @@ impl Consumer {
         if tail.wrapping_sub(head) > ring.layout.capacity || head % 8 != 0 || tail % 8 != 0 {
             return Err(RingAttachError::BadPositions { head, tail });
         }
-        Ok(Self { ring, head, tail_cache: tail })
+        Ok(Self { ring, head, tail_cache: tail, unreported_clear: false })
     }
 
     /// Data area size in bytes.
@@ -163,7 +166,9 @@ impl Consumer {
                     // Bounded: each skip consumes >= 8 published bytes, and
                     // at most two captures of the tail are walked.
                     self.head += size;
-                    let _ = self.publish_head();
+                    if self.publish_head() == FlowChange::Cleared {
+                        self.unreported_clear = true;
+                    }
                 }
                 None => return Err(PopError::Corrupt(Corruption::RecordKind(word.kind))),
             }
@@ -171,11 +176,15 @@ impl Consumer {
     }
 
     /// Copies the next record into `buf` and releases it; returns its length.
+    /// Does not report flow-control transitions (the state stays readable
+    /// through [`flow_state`](Self::flow_state)); use
+    /// [`try_peek`](Self::try_peek) and [`ReadGrant::release`] to see them.
     ///
     /// # Errors
     ///
     /// As [`try_peek`](Self::try_peek), plus [`PopError::BufferTooSmall`]
     /// (the record stays in the ring).
+    #[inline]
     pub fn try_pop(&mut self, buf: &mut [u8]) -> Result<usize, PopError> {
         let grant = self.try_peek()?;
         let n = grant.len();
@@ -215,10 +224,13 @@ impl Consumer {
         if FlowState::from_word(self.ring.header().flow.0.load(Ordering::Relaxed)) == FlowState::Off {
             return FlowChange::None;
         }
-        let fill = match self.load_tail() {
-            Ok(tail) => tail - self.head,
-            Err(_) => return FlowChange::None, // reported by the next peek
-        };
+        // SYNC TAIL. Into a local, not `tail_cache`: `try_peek` bounds its
+        // padding loop by the tail it captured, and must keep doing so.
+        let tail = self.ring.header().tail.0.load(Ordering::Acquire);
+        let fill = tail.wrapping_sub(self.head);
+        if fill > self.ring.layout.capacity {
+            return FlowChange::None; // corrupt tail: reported by the next peek
+        }
         if fill <= w.low
             && self
                 .ring
@@ -332,6 +344,10 @@ impl<'a> ReadGrant<'a> {
     #[inline]
     pub fn release(self) -> FlowChange {
         self.consumer.head = self.next;
-        self.consumer.publish_head()
+        let change = self.consumer.publish_head();
+        if std::mem::take(&mut self.consumer.unreported_clear) {
+            return FlowChange::Cleared;
+        }
+        change
     }
 }

@@ -99,9 +99,20 @@ pub(crate) fn raise_if_high(ring: &RingRef, tail: u64, head_hint: u64) -> FlowCh
 #[cold]
 fn raise_slow(ring: &RingRef, w: Watermarks, tail: u64) -> FlowChange {
     let header = ring.header();
+    // `tail` is the end of *our* publication. An MPSC producer's end can be
+    // behind the shared tail, and the consumer may already have consumed
+    // past it: a head up to a capacity ahead of `tail` means "drained past
+    // us", fill 0 (found by the loom model `mpsc_flow_never_stays_on_over_a_drained_ring`).
+    let cap = ring.layout.capacity;
     let fill = |head: u64| {
         let fill = tail.wrapping_sub(head);
-        (fill <= ring.layout.capacity).then_some(fill)
+        if fill <= cap {
+            Some(fill)
+        } else if head.wrapping_sub(tail) <= cap {
+            Some(0)
+        } else {
+            None
+        }
     };
     let Some(f) = fill(header.head.0.load(Ordering::Acquire)) else {
         return FlowChange::None; // corrupt head: the next reserve reports it

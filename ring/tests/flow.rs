@@ -1,4 +1,5 @@
 //! Flow-control watermarks with hysteresis.
+#![cfg(not(coroipc_loom))]
 mod common;
 
 use common::Ring;

@@ -1,5 +1,6 @@
 //! The peer is untrusted: every way it can corrupt the ring yields a typed
 //! error, never a panic, an out-of-bounds access or an endless loop.
+#![cfg(not(coroipc_loom))]
 mod common;
 
 use common::*;

@@ -1,4 +1,5 @@
 //! Black-box behaviour of the multi-producer ring.
+#![cfg(not(coroipc_loom))]
 mod common;
 
 use std::sync::Arc;

@@ -1,4 +1,5 @@
 //! Black-box behaviour of the single-producer ring.
+#![cfg(not(coroipc_loom))]
 #![allow(unsafe_code)]
 mod common;
 

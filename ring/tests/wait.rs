@@ -1,5 +1,6 @@
 //! The wait/wake protocol with a condvar backend (the futex backend lives in
 //! coroipc-transport and is tested there across processes).
+#![cfg(not(coroipc_loom))]
 mod common;
 
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

@@ -95,7 +95,6 @@ fn watermark_hysteresis_holds_under_concurrent_push_and_pop() {
 /// before the re-read of `head`, `fill()` sees `head > end`, returns `None`,
 /// and the `_ => Raised` arm keeps flow control On over an empty ring.
 #[test]
-#[ignore = "ring bug: MPSC raise keeps flow control On over a drained ring (flow.rs raise_slow)"]
 fn mpsc_flow_never_stays_on_over_a_drained_ring() {
     const W: Watermarks = Watermarks { high: 32, low: 16 };
     loom::model(|| {

@@ -134,7 +134,6 @@ fn abandoned_grant_becomes_padding_and_does_not_block_later_records() {
 /// releases between the two loads, `head > claim` and `check_head` reports
 /// `PushError::Corrupt` on a perfectly healthy ring.
 #[test]
-#[ignore = "ring bug: spurious PushError::Corrupt from a stale claim in MpscProducer::try_reserve"]
 fn reserve_on_healthy_ring_never_reports_corrupt() {
     loom::model(|| {
         let region = new_ring(&RingConfig::new(64));

@@ -27,7 +27,6 @@ prop_state_machine! {
 /// models these as silent transitions; this test states the intended
 /// pairing and fails until the ring reports them.
 #[test]
-#[ignore = "ring bug: a flow-control clear during a padding skip in try_peek is not reported"]
 fn every_flow_transition_is_reported_once() {
     use std::sync::Arc;
 

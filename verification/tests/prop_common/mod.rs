@@ -83,10 +83,13 @@ pub struct Model {
     pub tail: u64,
     pub queue: VecDeque<Rec>,
     pub flow_on: bool,
-    /// Flow transitions the ring makes without reporting them (see README,
-    /// ring findings): a clear during a padding skip inside `try_peek`, a
-    /// clear inside `try_pop`, a raise by a dropped MPSC grant.
+    /// Flow transitions the ring makes without reporting them (documented
+    /// in the ring): a clear inside `try_pop`, a raise by a dropped MPSC
+    /// grant, and a second clear folded into one report.
     pub silent_transitions: u64,
+    /// A clear made while `try_peek` skipped padding, which the ring
+    /// reports with the next `ReadGrant::release`.
+    pub pending_clear: bool,
     pub last: Outcome,
 }
 
@@ -175,18 +178,25 @@ impl Model {
             front.pad = 0;
             if pad > 0 {
                 self.head += pad;
-                if self.clear_if_low() {
-                    self.silent_transitions += 1;
-                }
+                self.note_padding_clear();
             }
             if is_data {
                 return;
             }
             self.queue.pop_front();
             self.head += size;
-            if self.clear_if_low() {
+            self.note_padding_clear();
+        }
+    }
+
+    /// A clear while skipping padding is reported by the next release; a
+    /// second one before that release is folded into the same report.
+    fn note_padding_clear(&mut self) {
+        if self.clear_if_low() {
+            if self.pending_clear {
                 self.silent_transitions += 1;
             }
+            self.pending_clear = true;
         }
     }
 
@@ -210,13 +220,14 @@ impl Model {
         let size = front.size;
         self.queue.pop_front();
         self.head += size;
-        let cleared = self.clear_if_low();
-        let change = if cleared && buf.is_none() {
+        let cleared_now = self.clear_if_low();
+        let pending = std::mem::take(&mut self.pending_clear);
+        let clears = u64::from(cleared_now) + u64::from(pending);
+        let change = if clears > 0 && buf.is_none() {
+            self.silent_transitions += clears - 1; // one report for both
             FlowChange::Cleared
         } else {
-            if cleared {
-                self.silent_transitions += 1; // `try_pop` does not report it
-            }
+            self.silent_transitions += clears; // `try_pop` does not report them
             FlowChange::None
         };
         self.last = Outcome::Read(bytes, change);
@@ -283,6 +294,7 @@ impl<F: Flavour> ReferenceStateMachine for RefMachine<F> {
                 queue: VecDeque::new(),
                 flow_on: false,
                 silent_transitions: 0,
+                pending_clear: false,
                 last: Outcome::Start,
             })
             .boxed()
