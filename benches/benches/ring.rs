@@ -11,13 +11,12 @@
 #![allow(missing_docs, reason = "criterion_group! generates an undocumented pub fn")]
 
 use std::hint::{black_box, spin_loop};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use coroipc_ring::{
-    init, required_size, Consumer, Corruption, HeapRegion, MpscProducer, PopError, Producer, PushError,
+    init, required_size, Consumer, HeapRegion, MpscProducer, PopError, Producer, PushError,
     Region, RingConfig,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -31,20 +30,6 @@ const SMALL_RING_BYTES: u64 = 64 * 1024;
 const SLOTS: usize = 1024;
 /// Data area of our rings for 4 KiB payloads (63 records of 4104 bytes).
 const LARGE_RING_BYTES: u64 = 256 * 1024;
-
-/// Spurious `Corrupt(Head)` results of MPSC pushes on a healthy ring (see
-/// the known-bug arm in [`coroipc_mpsc`]).
-static SPURIOUS_CORRUPT: AtomicU64 = AtomicU64::new(0);
-
-/// Prints (and resets) the spurious-corruption count after a group.
-fn report_spurious_corrupt(group: &str) {
-    let n = SPURIOUS_CORRUPT.swap(0, Ordering::Relaxed);
-    if n > 0 {
-        eprintln!(
-            "{group}: KNOWN RING BUG: {n} MPSC pushes returned Corrupt(Head) on a healthy ring (retried)"
-        );
-    }
-}
 
 /// Waits for the other side: spin briefly, then give the core away (with
 /// three threads on two cores a pure spinner would starve the thread it
@@ -199,17 +184,6 @@ fn coroipc_mpsc<const N: usize>(capacity: u64, producers: usize, iters: u64) -> 
                         match tx.try_push(black_box(&msg)) {
                             Ok(_) => break,
                             Err(PushError::Full) => backoff(&mut spins),
-                            // KNOWN RING BUG (reported, ring/src/mpsc.rs
-                            // `try_reserve`): with 2+ producers a stale
-                            // `claim` is checked against a newer head and a
-                            // healthy ring reports `Corrupt(Head)`. Nothing
-                            // was reserved, so retrying is safe; every
-                            // occurrence is counted and printed, and the
-                            // consumer still checks every sequence number.
-                            // Remove this arm once the ring is fixed.
-                            Err(PushError::Corrupt(Corruption::Head { .. })) if producers > 1 => {
-                                SPURIOUS_CORRUPT.fetch_add(1, Ordering::Relaxed);
-                            }
                             Err(e) => panic!("MPSC push failed on a healthy ring: {e:?}"),
                         }
                     }
@@ -321,7 +295,6 @@ fn small_records(c: &mut Criterion) {
     g.bench_function("coroipc_mpsc_2p", |b| b.iter_custom(|n| coroipc_mpsc::<64>(SMALL_RING_BYTES, 2, n)));
     g.bench_function("crossbeam_array_queue_2p", |b| b.iter_custom(|n| crossbeam_array_queue(2, n)));
     g.finish();
-    report_spurious_corrupt("ring_64B");
 }
 
 /// 64-byte records *including* our 8-byte header (56-byte payload), the way
