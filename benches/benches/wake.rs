@@ -1,0 +1,2 @@
+//! Wake-path benches (placeholder being written): see benches/README.md.
+fn main() {}

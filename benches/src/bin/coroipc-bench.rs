@@ -1,0 +1,2 @@
+//! coroipc-bench (being written).
+fn main() {}
