@@ -12,7 +12,7 @@ use crate::header::{align8, RingRef, RECORD_HEADER};
 use crate::record::{Kind, RecordHeader};
 use crate::region::Region;
 use crate::sync::{fence, Ordering};
-use crate::wait::WaitPoint;
+use crate::wait::{WaitHandle, WaitPoint};
 
 /// The reading end of a ring. `Send`, not `Sync`: one consumer per ring.
 #[derive(Debug)]
@@ -258,6 +258,16 @@ impl Consumer {
     /// Where this consumer sleeps waiting for data (producers notify it).
     pub fn data_wait(&self) -> WaitPoint<'_> {
         WaitPoint::new(&self.ring.header().data_wait.0)
+    }
+
+    /// An owned handle on [`data_wait`](Self::data_wait).
+    pub fn data_wait_handle(&self) -> WaitHandle {
+        WaitHandle::new(&self.ring.header().data_wait.0, self.ring.region())
+    }
+
+    /// An owned handle on [`space_wait`](Self::space_wait).
+    pub fn space_wait_handle(&self) -> WaitHandle {
+        WaitHandle::new(&self.ring.header().space_wait.0, self.ring.region())
     }
 
     /// Where producers sleep waiting for space; call

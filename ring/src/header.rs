@@ -198,7 +198,7 @@ pub(crate) struct RingRef {
     header: NonNull<RingHeader>,
     pub(crate) data: Data,
     pub(crate) layout: Layout,
-    _region: Arc<dyn Region>,
+    region: Arc<dyn Region>,
 }
 
 // SAFETY: the header is only reached through `&RingHeader` whose fields are
@@ -345,14 +345,18 @@ impl RingRef {
             header,
             data,
             layout: Layout { capacity, mask: capacity - 1, max_record, watermarks },
-            _region: region,
+            region,
         })
     }
 
     /// The shared header. All fields are atomics.
     #[inline]
+    pub(crate) fn region(&self) -> &Arc<dyn Region> {
+        &self.region
+    }
+
     pub(crate) fn header(&self) -> &RingHeader {
-        // SAFETY: validated in `attach`; kept alive by `_region`; atomics only.
+        // SAFETY: validated in `attach`; kept alive by `region`; atomics only.
         unsafe { self.header.as_ref() }
     }
 }

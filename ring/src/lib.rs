@@ -80,7 +80,7 @@ pub use header::{
 pub use mpsc::{MpscProducer, MpscWriteGrant};
 pub use region::{HeapRegion, Region, REGION_ALIGN};
 pub use spsc::{Producer, WriteGrant};
-pub use wait::{Announcement, Notify, WaitPoint, POLL_WAITER};
+pub use wait::{Announcement, Notify, WaitHandle, WaitPoint, POLL_WAITER};
 
 /// Re-exported synchronisation types so backends and models name the same
 /// atomics the ring uses (loom's under `--cfg coroipc_loom`).

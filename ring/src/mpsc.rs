@@ -27,7 +27,7 @@ use crate::record::Kind;
 use crate::region::Region;
 use crate::spsc::{plan, write_headers, Plan};
 use crate::sync::{publish_ordering, spin_hint, yield_now, AtomicU64, Ordering};
-use crate::wait::WaitPoint;
+use crate::wait::{WaitHandle, WaitPoint};
 
 #[derive(Debug)]
 struct Shared {
@@ -199,6 +199,16 @@ impl MpscProducer {
     /// The flow-control state in the shared header.
     pub fn flow_state(&self) -> FlowState {
         FlowState::from_word(self.shared.ring.header().flow.0.load(Ordering::Relaxed))
+    }
+
+    /// An owned handle on [`data_wait`](Self::data_wait).
+    pub fn data_wait_handle(&self) -> WaitHandle {
+        WaitHandle::new(&self.shared.ring.header().data_wait.0, self.shared.ring.region())
+    }
+
+    /// An owned handle on [`space_wait`](Self::space_wait).
+    pub fn space_wait_handle(&self) -> WaitHandle {
+        WaitHandle::new(&self.shared.ring.header().space_wait.0, self.shared.ring.region())
     }
 
     /// Where the consumer sleeps waiting for data; call

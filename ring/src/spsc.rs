@@ -16,7 +16,7 @@ use crate::header::{record_size, RingRef, RECORD_HEADER};
 use crate::record::{Kind, RecordHeader};
 use crate::region::Region;
 use crate::sync::{publish_ordering, Ordering};
-use crate::wait::WaitPoint;
+use crate::wait::{WaitHandle, WaitPoint};
 
 /// Where a reservation goes: computed by [`plan`] from a start position.
 #[derive(Clone, Copy, Debug)]
@@ -185,6 +185,16 @@ impl Producer {
     /// The flow-control state in the shared header.
     pub fn flow_state(&self) -> FlowState {
         FlowState::from_word(self.ring.header().flow.0.load(Ordering::Relaxed))
+    }
+
+    /// An owned handle on [`data_wait`](Self::data_wait).
+    pub fn data_wait_handle(&self) -> WaitHandle {
+        WaitHandle::new(&self.ring.header().data_wait.0, self.ring.region())
+    }
+
+    /// An owned handle on [`space_wait`](Self::space_wait).
+    pub fn space_wait_handle(&self) -> WaitHandle {
+        WaitHandle::new(&self.ring.header().space_wait.0, self.ring.region())
     }
 
     /// Where the consumer sleeps waiting for data; call

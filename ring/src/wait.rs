@@ -29,9 +29,12 @@
 //! spurious returns; a waiter never trusts a wake-up, it re-checks.
 //! Modelled in `coroipc-verification` (`loom_wait`).
 
+use std::ptr::NonNull;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::header::WaitWords;
+use crate::region::Region;
 use crate::sync::{fence, AtomicU32, Ordering};
 
 /// A sleeping and waking backend for the wait protocol.
@@ -179,5 +182,41 @@ impl<'a> WaitPoint<'a> {
     /// The futex word, for backends that sleep in the kernel on it.
     pub fn epoch_word(&self) -> &'a AtomicU32 {
         &self.words.epoch
+    }
+}
+
+/// An owned handle on one wait point: keeps the ring's memory alive on its
+/// own, so a thread can wait without borrowing the endpoint (which may sit
+/// behind a lock the notifier side needs).
+pub struct WaitHandle {
+    words: NonNull<WaitWords>,
+    _region: Arc<dyn Region>,
+}
+
+// SAFETY: the words are atomics in a region kept alive by the `Arc`.
+#[allow(unsafe_code)]
+unsafe impl Send for WaitHandle {}
+// SAFETY: as above; all access is through atomics.
+#[allow(unsafe_code)]
+unsafe impl Sync for WaitHandle {}
+
+impl std::fmt::Debug for WaitHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitHandle").finish_non_exhaustive()
+    }
+}
+
+impl WaitHandle {
+    pub(crate) fn new(words: &WaitWords, region: &Arc<dyn Region>) -> Self {
+        Self { words: NonNull::from(words), _region: region.clone() }
+    }
+
+    /// The wait point.
+    pub fn point(&self) -> WaitPoint<'_> {
+        #[allow(unsafe_code)]
+        // SAFETY: `words` points into the ring header inside the region the
+        // `Arc` keeps mapped; the fields are atomics.
+        let words = unsafe { self.words.as_ref() };
+        WaitPoint::new(words)
     }
 }
