@@ -7,9 +7,17 @@
 //! that is readable while non-zero. [`EventFd::signal`] adds one,
 //! [`EventFd::drain`] reads and resets it.
 //!
-//! The eventfd is always nonblocking, so neither side can be made to hang in
-//! `read(2)` or `write(2)`, even on a descriptor received from a hostile peer
-//! ([`EventFd::from_fd`] re-checks the kind and forces `O_NONBLOCK`).
+//! Neither side can be made to hang in `read(2)` or `write(2)`, even on a
+//! descriptor shared with a hostile peer. `O_NONBLOCK` alone does not give
+//! that: it is a flag of the *open file description*, which `SCM_RIGHTS`
+//! shares between the two processes, so the peer can clear it on its copy
+//! (`fcntl(F_SETFL)`) and thereby on ours; our next read of an empty
+//! counter, or write to a counter it saturated, would then sleep until the
+//! peer pleases (for ever, once it exited). So every read and write asks for
+//! non-blocking I/O *per call* (`preadv2`/`pwritev2` with `RWF_NOWAIT`),
+//! whatever the shared flag says; see [`read_nowait`] for kernels whose
+//! eventfd does not take that flag. [`EventFd::from_fd`] still re-checks the
+//! kind and sets `O_NONBLOCK`, for the application's own event loop.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -17,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
-use rustix::io::Errno;
+use rustix::io::{preadv2, pwritev2, Errno, ReadWriteFlags};
 
 /// An owned, nonblocking, close-on-exec eventfd.
 ///
@@ -87,7 +95,7 @@ impl EventFd {
     #[inline]
     pub fn signal(&self) {
         loop {
-            match rustix::io::write(&self.fd, &1u64.to_ne_bytes()) {
+            match write_nowait(self.fd.as_fd(), &1u64.to_ne_bytes()) {
                 Ok(_) | Err(Errno::AGAIN) => return,
                 Err(Errno::INTR) => continue,
                 Err(e) => {
@@ -106,7 +114,7 @@ impl EventFd {
     pub fn drain(&self) -> u64 {
         let mut buf = [0u8; 8];
         loop {
-            match rustix::io::read(&self.fd, &mut buf) {
+            match read_nowait(self.fd.as_fd(), &mut buf) {
                 Ok(8) => return u64::from_ne_bytes(buf),
                 Ok(n) => {
                     debug_assert!(false, "eventfd read returned {n} bytes");
@@ -153,6 +161,58 @@ impl EventFd {
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+}
+
+/// `read(2)` that never blocks, whatever the (peer-writable) `O_NONBLOCK`
+/// flag of the shared file description says.
+///
+/// `preadv2(RWF_NOWAIT)` at the current position (`u64::MAX`) is a
+/// per-call non-blocking read. A kernel whose eventfd does not take
+/// `RWF_NOWAIT` (`EOPNOTSUPP`; `EINVAL` before Linux 4.14) gets the best
+/// this crate can do there: read only if `poll(2)` says readable, after
+/// setting `O_NONBLOCK` again. That leaves a peer racing both steps a
+/// window to block us; kernels that take the flag leave none.
+fn read_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, Errno> {
+    match preadv2(fd, &mut [io::IoSliceMut::new(buf)], u64::MAX, ReadWriteFlags::NOWAIT) {
+        Err(Errno::OPNOTSUPP | Errno::INVAL) => {
+            if !ready_now(fd, PollFlags::IN) {
+                return Err(Errno::AGAIN);
+            }
+            reassert_nonblock(fd);
+            rustix::io::read(fd, buf)
+        }
+        other => other,
+    }
+}
+
+/// `write(2)` that never blocks; see [`read_nowait`].
+fn write_nowait(fd: BorrowedFd<'_>, buf: &[u8]) -> Result<usize, Errno> {
+    match pwritev2(fd, &[io::IoSlice::new(buf)], u64::MAX, ReadWriteFlags::NOWAIT) {
+        Err(Errno::OPNOTSUPP | Errno::INVAL) => {
+            if !ready_now(fd, PollFlags::OUT) {
+                return Err(Errno::AGAIN);
+            }
+            reassert_nonblock(fd);
+            rustix::io::write(fd, buf)
+        }
+        other => other,
+    }
+}
+
+/// Whether `fd` is ready for `flags` now (zero-timeout `poll(2)`).
+fn ready_now(fd: BorrowedFd<'_>, flags: PollFlags) -> bool {
+    let mut fds = [PollFd::from_borrowed_fd(fd, flags)];
+    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    matches!(poll(&mut fds, Some(&zero)), Ok(n) if n > 0) && fds[0].revents().intersects(flags)
+}
+
+/// Sets `O_NONBLOCK` again if the peer cleared it.
+fn reassert_nonblock(fd: BorrowedFd<'_>) {
+    if let Ok(flags) = fcntl_getfl(fd) {
+        if !flags.contains(OFlags::NONBLOCK) {
+            let _ = fcntl_setfl(fd, flags | OFlags::NONBLOCK);
         }
     }
 }
@@ -237,6 +297,27 @@ mod tests {
         rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
         efd.signal(); // would block on a blocking eventfd
         assert_eq!(efd.drain(), u64::MAX - 1);
+    }
+
+    /// A peer sharing the file description clears `O_NONBLOCK` on it:
+    /// draining an empty counter and signalling a saturated one still
+    /// return at once (they would sleep for ever with plain read/write).
+    #[test]
+    fn peer_clearing_o_nonblock_cannot_make_drain_or_signal_block() {
+        let ours = EventFd::new().unwrap();
+        let theirs = ours.as_fd().try_clone_to_owned().unwrap();
+        let flags = fcntl_getfl(&theirs).unwrap();
+        fcntl_setfl(&theirs, flags - OFlags::NONBLOCK).unwrap();
+        assert!(!fcntl_getfl(&ours).unwrap().contains(OFlags::NONBLOCK), "the flag is shared");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let empty = ours.drain();
+            rustix::io::write(&theirs, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+            ours.signal();
+            let _ = tx.send((empty, ours.drain()));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(5)).expect("drain/signal blocked");
+        assert_eq!(got, (0, u64::MAX - 1));
     }
 
     #[test]

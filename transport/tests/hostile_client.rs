@@ -76,12 +76,12 @@ const TARGETS: [(&str, Outcome); 12] = [
 #[ignore = "helper: runs as a child process of the other tests"]
 fn child() {
     child_main(|role| {
-        if role == "hostile" {
-            hostile_client();
-            true
-        } else {
-            false
+        match role {
+            "hostile" => hostile_client(),
+            "blocking-bells" => blocking_bells_client(),
+            _ => return false,
         }
+        true
     });
 }
 
@@ -265,4 +265,93 @@ fn server_drops_scribbling_clients_and_keeps_serving_a_good_one() {
     let (n, worst) = within(T, "good client", move || good.join().expect("the good client never failed"));
     eprintln!("good client: {n} round trips meanwhile, slowest {worst:?}");
     assert!(n > 0);
+}
+
+/// Environment variable: "exit" makes the `blocking-bells` child exit right
+/// after its attack (the server then drops the connection), "stay" keeps
+/// it connected.
+const THEN: &str = "COROIPC_TEST_THEN";
+
+/// A hostile child that turns the three eventfds it was sent into blocking
+/// ones. `O_NONBLOCK` is a flag of the open file description, which
+/// `SCM_RIGHTS` shares with the server: the server's own descriptors become
+/// blocking too. It then saturates the response and dispatch counters (a
+/// blocking `write(2)` of 1 to a saturated eventfd sleeps until somebody
+/// reads) and announces a poll-waiter on every wait point, so that each
+/// server notification writes to an eventfd.
+fn blocking_bells_client() {
+    use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
+    let ep = env_endpoint();
+    let stream = Stream::connect(&ep).expect("connect");
+    stream.send_with_fds(&hello(SERVICE_ECHO, SMALL).encode(), &[]).expect("send hello");
+    let mut reply = [0u8; REPLY_LEN];
+    let fds = stream.recv_exact_with_fds(&mut reply, 4).expect("reply");
+    let ServerReply::Accepted(accepted) = ServerReply::decode(&reply).expect("decodes") else {
+        panic!("refused")
+    };
+    let mut fds = fds.into_iter();
+    let segment = Segment::from_fd(fds.next().unwrap(), accepted.layout.segment_len).expect("segment");
+    let bells: Vec<_> = fds.collect();
+    for fd in &bells {
+        let flags = fcntl_getfl(fd).expect("getfl");
+        fcntl_setfl(fd, flags - OFlags::NONBLOCK).expect("setfl");
+    }
+    for fd in &bells[1..] {
+        rustix::io::write(fd, &(u64::MAX - 1).to_ne_bytes()).expect("saturate");
+    }
+    for r in [accepted.layout.request, accepted.layout.response, accepted.layout.dispatch] {
+        for wait_words in [RING_DATA_WAIT, RING_SPACE_WAIT] {
+            // waiters = one poller (coroipc_ring::POLL_WAITER).
+            segment
+                .atomic_u32((r.offset + wait_words) as usize)
+                .store(coroipc_ring::POLL_WAITER, Ordering::Release);
+        }
+    }
+    report("READY", &format!("pid={}", std::process::id()));
+    if std::env::var(THEN).as_deref() == Ok("stay") {
+        let _ = read_stdin_line();
+    }
+}
+
+fn blocking_bells_cannot_hang_the_server(then: &str) {
+    let server = ServerThread::spawn(abstract_endpoint("blocking-bells"), ServerConfig::default());
+    let mut good = ClientChannel::connect(&server.endpoint, &hello(SERVICE_ECHO, SMALL), T).expect("connect");
+    echo_round_trip(&mut good, 0, T);
+
+    let mut hostile =
+        spawn_child("blocking-bells", &[(EP, server.endpoint.to_string()), (THEN, then.to_string())]);
+    hostile.expect("READY", T);
+    let pid = hostile.pid();
+    let gone = |server: &ServerThread| {
+        server.expect_event(T, |e| matches!(e, Event::Closed { pid: p, .. } if *p == Some(pid)));
+    };
+    if then == "exit" {
+        // The server drops the connection: its close wakes every wait
+        // point, which writes to the saturated, now blocking, eventfds.
+        hostile.wait_exit(T);
+        gone(&server);
+    }
+    // The server keeps serving: a blocked server thread would leave these
+    // round trips hanging.
+    let good = within(Duration::from_secs(5), "round trips past the blocking bells", move || {
+        for seq in 1..200 {
+            echo_round_trip(&mut good, seq, Duration::from_secs(2));
+        }
+        good
+    });
+    if then == "stay" {
+        drop(hostile);
+        gone(&server);
+    }
+    drop(good);
+}
+
+#[test]
+fn client_making_shared_eventfds_blocking_cannot_hang_the_server_while_connected() {
+    blocking_bells_cannot_hang_the_server("stay");
+}
+
+#[test]
+fn client_making_shared_eventfds_blocking_cannot_hang_the_server_when_it_leaves() {
+    blocking_bells_cannot_hang_the_server("exit");
 }

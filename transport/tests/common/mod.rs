@@ -935,6 +935,16 @@ impl ServerThread {
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(h) = self.handle.take() {
+            // A server stuck in a blocking call must fail the test, not
+            // hang the test binary: give up on it after a while.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !h.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !h.is_finished() {
+                assert!(std::thread::panicking(), "the test server thread is stuck (blocked in a call)");
+                return;
+            }
             let r = h.join();
             if r.is_err() && !std::thread::panicking() {
                 panic!("the test server panicked");
