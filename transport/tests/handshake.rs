@@ -173,3 +173,46 @@ fn slow_loris_clients_do_not_stall_other_connects() {
     }
     echo_round_trip(&mut good, 99, T);
 }
+
+/// A client attaches descriptors (`SCM_RIGHTS`) to its hello, and after the
+/// handshake to a byte on the socket: the server reads with plain `read(2)`,
+/// so the kernel closes them; the server ends up holding exactly what it
+/// held before.
+#[test]
+fn descriptors_smuggled_on_the_socket_do_not_leak_into_the_server() {
+    use coroipc_transport::eventfd::EventFd;
+    use coroipc_transport::handshake::{ServerReply, REPLY_LEN};
+    use std::os::fd::{AsFd, BorrowedFd};
+
+    let ep = abstract_endpoint("smuggle");
+    let mut server = spawn_child("server", &[(EP, ep.to_string())]);
+    let ready = server.expect("READY", T);
+    let (fds, memfd) = (num(&ready, "fds"), num(&ready, "memfd"));
+    let junk: Vec<EventFd> = (0..100).map(|_| EventFd::new().unwrap()).collect();
+    let junk_fds: Vec<BorrowedFd<'_>> = junk.iter().map(|e| e.as_fd()).collect();
+
+    // Refused hello with 100 descriptors attached.
+    let s = Stream::connect(&ep).unwrap();
+    s.send_with_fds(&hello(99, SMALL).encode(), &junk_fds).unwrap();
+    let line = server.expect("REFUSED", T);
+    assert_eq!((num(&line, "fds"), num(&line, "memfd")), (fds, memfd), "nothing kept after a refusal");
+    drop(s);
+
+    // Accepted hello with 100 descriptors attached: the server holds the
+    // connection's own five (socket, memfd, three eventfds) and no more.
+    let s = Stream::connect(&ep).unwrap();
+    s.send_with_fds(&hello(SERVICE_ECHO, SMALL).encode(), &junk_fds).unwrap();
+    let line = server.expect("ACCEPTED", T);
+    assert_eq!(num(&line, "fds"), fds + 5, "the connection's descriptors only");
+    let mut reply = [0u8; REPLY_LEN];
+    let got = s.recv_exact_with_fds(&mut reply, 4).unwrap();
+    assert!(matches!(ServerReply::decode(&reply), Ok(ServerReply::Accepted(_))));
+    drop(got);
+
+    // Descriptors sent on the socket after the handshake: the server takes
+    // anything arriving there as a dead peer and drops the connection.
+    s.send_with_fds(b"!", &junk_fds).unwrap();
+    let line = server.expect("CLOSED", T);
+    assert_eq!(field(&line, "reason"), "PeerGone");
+    assert_eq!((num(&line, "fds"), num(&line, "memfd")), (fds, memfd), "back to the start");
+}
