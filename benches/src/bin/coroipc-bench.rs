@@ -1,2 +1,232 @@
-//! coroipc-bench (being written).
-fn main() {}
+//! `coroipc-bench`: every workload of DESIGN.md §7 on coroipc, on Unix
+//! domain sockets and against the machine's floors, with server and clients
+//! in separate processes; prints one comparison table.
+//!
+//! ```text
+//! coroipc-bench                      # everything, full counts
+//! coroipc-bench --quick              # everything, in under a minute
+//! coroipc-bench --workload rr64 --transport coroipc
+//! workload=rr64 transport=coroipc median_ns=… p99_ns=… ops_per_s=… gbps=…
+//! coroipc-bench --json               # machine-readable
+//! ```
+
+use std::time::Duration;
+
+use clap::Parser;
+use coroipc_benches::floor::{self, Kind};
+use coroipc_benches::proc::Proc;
+use coroipc_benches::report::{table, Outcome, Sample};
+use coroipc_benches::workload::{Params, Transport, Workload, ALL, TRANSPORTS};
+use coroipc_benches::{rpc, uds};
+use coroipc_client::WaitPolicy;
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser, Debug)]
+#[command(name = "coroipc-bench", about = "coroipc-rs against Unix sockets and the machine's floors")]
+struct Args {
+    /// Run only this workload (rr64, rr64-sleep, rr64-spin, rr64-pipe, ev64, ev4k, rr1m, connect, fanin).
+    #[arg(long)]
+    workload: Option<String>,
+    /// Run only this transport (coroipc, uds, floor).
+    #[arg(long)]
+    transport: Option<String>,
+    /// Smaller counts: the whole run takes under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Operations per run (per client for fanin) instead of the workload's default.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Message size in bytes, header included, instead of the workload's default.
+    #[arg(long)]
+    size: Option<usize>,
+    /// Internal: the role of a child process.
+    #[arg(long, hide = true)]
+    role: Option<String>,
+    /// Internal: where the server listens.
+    #[arg(long, hide = true)]
+    endpoint: Option<String>,
+    /// Internal: floor ping-pong kind.
+    #[arg(long, hide = true)]
+    floor_kind: Option<String>,
+    /// Internal: descriptors of the parent for the floor peer.
+    #[arg(long, hide = true)]
+    fds: Option<String>,
+    /// Internal: the server's spin budget in microseconds.
+    #[arg(long, hide = true)]
+    spin_us: Option<u64>,
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Some(role) = args.role.clone() {
+        return child(&role, &args);
+    }
+    let workloads: Vec<Workload> = match &args.workload {
+        Some(w) => vec![Workload::parse(w).unwrap_or_else(|| fail(&format!("unknown workload {w:?}")))],
+        None => ALL.to_vec(),
+    };
+    let transports: Vec<Transport> = match &args.transport {
+        Some(t) => vec![Transport::parse(t).unwrap_or_else(|| fail(&format!("unknown transport {t:?}")))],
+        None => TRANSPORTS.to_vec(),
+    };
+    let runs: Vec<(Workload, Transport)> =
+        workloads.iter().flat_map(|&w| transports.iter().map(move |&t| (w, t))).collect();
+    let bar = ProgressBar::new(runs.len() as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
+    let mut outcomes = Vec::new();
+    for (w, t) in runs {
+        bar.set_message(format!("{w} on {t}"));
+        let params = Params {
+            workload: w,
+            count: args.count.unwrap_or(w.default_count(args.quick)),
+            size: args.size.unwrap_or(w.default_size()),
+        };
+        let outcome = run(params, t);
+        bar.suspend(|| {
+            if !args.json {
+                println!("{}", outcome.line());
+            }
+        });
+        outcomes.push(outcome);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if args.json {
+        let all: Vec<_> = outcomes.iter().map(Outcome::json).collect();
+        println!("{}", serde_json::to_string_pretty(&all).expect("serialisable"));
+    } else if outcomes.len() > 1 {
+        println!();
+        print!("{}", table(&outcomes));
+        println!("\nratios: >1 means coroipc is better (latency: floor or uds time / coroipc time; rates: coroipc / other)");
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("coroipc-bench: {msg}");
+    std::process::exit(2);
+}
+
+/// Spin budgets of the server loop per workload.
+fn server_spin(w: Workload) -> Duration {
+    match w {
+        Workload::Rr64Sleep => Duration::ZERO,
+        Workload::Rr64Spin => Duration::from_secs(1),
+        _ => Duration::from_micros(50),
+    }
+}
+
+/// Client wait policy per workload.
+fn client_policy(w: Workload) -> WaitPolicy {
+    match w {
+        Workload::Rr64Sleep => WaitPolicy::sleep_only(WaitPolicy::default().sleep),
+        Workload::Rr64Spin => WaitPolicy::spin_only(),
+        _ => WaitPolicy::default(),
+    }
+}
+
+fn run(p: Params, t: Transport) -> Outcome {
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    let common = |role: &str, endpoint: &str| -> Vec<String> {
+        vec![
+            "--role".into(),
+            role.into(),
+            "--transport".into(),
+            t.name().into(),
+            "--workload".into(),
+            p.workload.name().into(),
+            "--endpoint".into(),
+            endpoint.into(),
+            "--count".into(),
+            p.count.to_string(),
+            "--size".into(),
+            p.size.to_string(),
+            "--spin-us".into(),
+            server_spin(p.workload).as_micros().to_string(),
+        ]
+    };
+    match t {
+        Transport::Coroipc | Transport::Uds => {
+            let endpoint = if t == Transport::Coroipc {
+                format!("@coroipc-bench-{pid}-{n}")
+            } else {
+                format!("/tmp/coroipc-bench-{pid}-{n}.sock")
+            };
+            let mut server = Proc::spawn(&common("server", &endpoint));
+            server.expect_line("READY");
+            let clients: Vec<Proc> =
+                (0..p.workload.clients()).map(|_| Proc::spawn(&common("client", &endpoint))).collect();
+            let samples: Vec<Sample> = clients.into_iter().map(Proc::result).collect();
+            server.kill();
+            if t == Transport::Uds {
+                let _ = std::fs::remove_file(&endpoint);
+            }
+            Outcome::from_samples(p.workload, t, &samples, "")
+        }
+        Transport::Floor => floor_outcome(p),
+    }
+}
+
+fn floor_outcome(p: Params) -> Outcome {
+    let w = p.workload;
+    match w {
+        Workload::Rr64 | Workload::Rr64Spin => {
+            let s = floor::ping_pong(Kind::Spin, p.count);
+            Outcome::from_samples(w, Transport::Floor, &[s], "cache-line ping-pong")
+        }
+        Workload::Rr64Sleep => {
+            let futex = floor::ping_pong(Kind::Futex, p.count);
+            let pipe = floor::ping_pong(Kind::Pipe, p.count);
+            let note = format!("best of futex {} ns / pipe {} ns ping-pong", futex.median_ns, pipe.median_ns);
+            let best = if pipe.median_ns < futex.median_ns { pipe } else { futex };
+            Outcome::from_samples(w, Transport::Floor, &[best], &note)
+        }
+        Workload::Ev4k | Workload::Rr1m => {
+            let s = floor::memcpy(p.size, p.count * p.size as u64);
+            Outcome::from_samples(w, Transport::Floor, &[s], "single-thread memcpy")
+        }
+        _ => Outcome::from_samples(w, Transport::Floor, &[], "n/a"),
+    }
+}
+
+fn child(role: &str, args: &Args) {
+    let workload = args.workload.as_deref().and_then(Workload::parse);
+    let transport = args.transport.as_deref().and_then(Transport::parse);
+    let endpoint = args.endpoint.clone().unwrap_or_default();
+    match role {
+        "server" => {
+            let spin = Duration::from_micros(args.spin_us.unwrap_or(50));
+            let result = match transport {
+                Some(Transport::Coroipc) => rpc::serve(&endpoint, spin),
+                Some(Transport::Uds) => uds::serve(&endpoint),
+                _ => fail("server needs --transport coroipc|uds"),
+            };
+            if let Err(e) = result {
+                fail(&format!("server: {e}"));
+            }
+        }
+        "client" => {
+            let w = workload.unwrap_or_else(|| fail("client needs --workload"));
+            let p = Params {
+                workload: w,
+                count: args.count.unwrap_or(w.default_count(false)),
+                size: args.size.unwrap_or(w.default_size()),
+            };
+            let sample = match transport {
+                Some(Transport::Coroipc) => rpc::client(&endpoint, p, client_policy(w)),
+                Some(Transport::Uds) => uds::client(&endpoint, p),
+                _ => fail("client needs --transport coroipc|uds"),
+            };
+            println!("{}", sample.to_line());
+        }
+        "floor-peer" => {
+            let kind = args.floor_kind.as_deref().and_then(Kind::parse).unwrap_or_else(|| fail("floor kind"));
+            floor::peer(kind, args.fds.as_deref().unwrap_or_default(), args.count.unwrap_or(0));
+        }
+        other => fail(&format!("unknown role {other:?}")),
+    }
+}
