@@ -6,6 +6,8 @@
 //! ```text
 //! cargo bench -p coroipc-benches --bench ipc
 //! ```
+// `criterion_group!` generates an undocumented public function.
+#![allow(missing_docs)]
 
 use std::io::IoSlice;
 use std::os::unix::net::UnixStream;
@@ -154,12 +156,7 @@ fn rr1m(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group! {
-    #[allow(missing_docs)]
-    name = benches;
-    config = Criterion::default();
-    targets = rr64, ev64, rr1m
-}
+criterion_group!(benches, rr64, ev64, rr1m);
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
