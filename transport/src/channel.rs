@@ -466,6 +466,31 @@ impl ServerChannel {
         side.consumer.is_ready()
     }
 
+    /// Waits until a request is waiting, with `policy` (spin, then sleep on
+    /// the request ring's futex or in `poll(2)` on the request bell and the
+    /// socket): for a server that gives a connection its own thread, and for
+    /// the wake-path benches. An event-loop server uses
+    /// [`arm`](Self::arm)/[`request_fd`](Self::request_fd) instead.
+    ///
+    /// Does not hold the request lock while it sleeps.
+    ///
+    /// # Errors
+    ///
+    /// `Timeout` once `deadline` passed, `PeerGone`.
+    pub fn wait_request(&self, deadline: Option<Instant>, policy: WaitPolicy) -> Result<(), ChannelError> {
+        // An owned handle: the lock is not held while sleeping.
+        let handle = lock(&self.requests).consumer.data_wait_handle();
+        wait_until(
+            handle.point(),
+            &self.request_bell,
+            || self.has_request(),
+            self.liveness(),
+            deadline,
+            policy,
+        )
+        .map_err(Into::into)
+    }
+
     /// Withdraws the announcement made by [`arm`](Self::arm) and drains the
     /// request bell (after the event loop woke up).
     pub fn disarm(&self) {
@@ -692,6 +717,8 @@ pub struct ClientChannel {
     response_bell: Bell,
     dispatch_bell: Bell,
     dispatch_armed: Option<Announcement>,
+    /// The poll-mode announcement made by `arm_response`.
+    response_armed: Option<Announcement>,
     policy: WaitPolicy,
     /// The record last returned by `peek_response`/`peek_dispatch`, as
     /// (address, length), until released: lets `current_*` hand out the
@@ -804,6 +831,7 @@ impl ClientChannel {
             response_bell,
             dispatch_bell,
             dispatch_armed: None,
+            response_armed: None,
             policy: WaitPolicy::default(),
             current_response: None,
             current_dispatch: None,
@@ -918,6 +946,9 @@ impl ClientChannel {
     ///
     /// `Timeout`, `PeerGone`.
     pub fn wait_response(&mut self, deadline: Option<Instant>) -> Result<(), ChannelError> {
+        if self.response_armed.is_some() {
+            self.disarm_response();
+        }
         let responses = &self.responses;
         wait_until(
             responses.data_wait(),
@@ -928,6 +959,34 @@ impl ClientChannel {
             self.policy,
         )
         .map_err(Into::into)
+    }
+
+    /// Prepares to wait for a response in an event loop: announces on the
+    /// response ring that this side polls the response fd, and re-checks.
+    /// Returns `true` if a response is already there (do not wait then).
+    /// The fd ([`response_fd`](Self::response_fd)) becomes readable when
+    /// the next response arrives; call
+    /// [`disarm_response`](Self::disarm_response) after it did.
+    pub fn arm_response(&mut self) -> bool {
+        if self.response_armed.is_none() {
+            self.response_armed = Some(self.responses.data_wait().announce_poll());
+        }
+        self.responses.is_ready()
+    }
+
+    /// Withdraws [`arm_response`](Self::arm_response)'s announcement and
+    /// drains the response bell.
+    pub fn disarm_response(&mut self) {
+        if let Some(a) = self.response_armed.take() {
+            self.responses.data_wait().cancel(a);
+        }
+        self.response_bell.drain();
+    }
+
+    /// The response bell's eventfd, readable after
+    /// [`arm_response`](Self::arm_response) once a response arrives.
+    pub fn response_fd(&self) -> BorrowedFd<'_> {
+        self.response_bell.as_fd()
     }
 
     /// The next response in place, without copying; `None` if there is
