@@ -1041,17 +1041,26 @@ impl ClientChannel {
     pub fn peek_dispatch(&mut self) -> Result<Option<&[u8]>, ChannelError> {
         self.disarm_dispatch();
         if !self.dispatch_ready()? {
-            if self.gone() {
-                return Err(ChannelError::PeerGone);
+            // The server's state word alone is not enough: a server killed
+            // with SIGKILL never writes it, and then an empty ring read
+            // "nothing yet" for ever (`Client::recv_dispatch` spun until its
+            // deadline, or without one for ever). Its socket hangs up, so
+            // check that too; look at the ring once more after noticing, in
+            // case a message landed just before the server went.
+            if !self.peer_alive() {
+                if !self.dispatch_ready()? {
+                    return Err(ChannelError::PeerGone);
+                }
+            } else {
+                // Announce as a poller, then re-check (the ring's protocol):
+                // a message published after the check rings the eventfd.
+                let a = self.dispatch.data_wait().announce_poll();
+                if !self.dispatch_ready()? {
+                    self.dispatch_armed = Some(a);
+                    return Ok(None);
+                }
+                self.dispatch.data_wait().cancel(a);
             }
-            // Announce as a poller, then re-check (the ring's protocol):
-            // a message published after the check rings the eventfd.
-            let a = self.dispatch.data_wait().announce_poll();
-            if !self.dispatch_ready()? {
-                self.dispatch_armed = Some(a);
-                return Ok(None);
-            }
-            self.dispatch.data_wait().cancel(a);
         }
         match self.dispatch.try_peek() {
             Ok(g) => {
