@@ -1,0 +1,874 @@
+//! Shared helpers of the reliability and security suite (issue 7).
+//!
+//! **Real processes.** The server under test always runs in a child
+//! process: the test binary re-executes itself
+//! ([`std::env::current_exe`]) running the `#[ignore]`d helper
+//! [`rel_server_process`] (or, for clients that get killed or misbehave,
+//! [`rel_client_process`]) with `--ignored --exact <helper> --nocapture
+//! --test-threads=1`; the role comes in `REL_*` environment variables.
+//! Children print `@@MARKER key=value …` lines that the parent waits for
+//! ([`ChildProc::expect`]); they exit when their stdin closes, and
+//! [`ChildProc`] SIGKILLs and reaps on drop, so nothing is left behind.
+//! The test process itself is a third process: most tests use it as a
+//! well-behaved client.
+//!
+//! **The server child** runs a real `coroipc_server::Server` (built-in
+//! loop on its own thread) with three services — [`SVC_REL`] (the command
+//! set below), [`SVC_OTHER`] (echo only), [`SVC_PRIV`] (refused by the
+//! authentication callback) — and answers control lines on stdin: `res`
+//! (its own descriptors, segment mappings, `RssShmem`, `RssAnon`, threads,
+//! CPU time, connections), `stats`, `shutdown_service <id>`,
+//! `pause <id> <0|1>`, `release` (lets go of the handles [`CMD_HOLD`]
+//! kept). It measures itself from `/proc/self`, so the numbers are the
+//! server's own.
+#![allow(missing_docs, dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use coroipc_client::{Client, Error, Sizes};
+use coroipc_server::{
+    Connection, Disconnect, DispatchError, Refusal, Responder, Server, ServerHandle, ServiceBuilder,
+};
+
+pub const T: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------
+// Protocol of the test server
+// ---------------------------------------------------------------------------
+
+/// The service under test.
+pub const SVC_REL: u16 = 1;
+/// An echo-only service (for "other services are not starved").
+pub const SVC_OTHER: u16 = 2;
+/// A service the authentication callback refuses to everybody.
+pub const SVC_PRIV: u16 = 3;
+
+/// Answers the payload.
+pub const CMD_ECHO: u16 = 0;
+/// Defers and never answers (the `Responder` is parked until exit);
+/// reports `@@NEVER id=<conn>`.
+pub const CMD_NEVER: u16 = 2;
+/// Payload `ms: u32` then data: answers the data `ms` later from another
+/// thread.
+pub const CMD_LATE: u16 = 3;
+/// Payload `ms: u32`: reports `@@SLEEPING id=`, sleeps `ms` *in the event
+/// loop*, answers `slept`.
+pub const CMD_SLEEP: u16 = 4;
+/// Answers `bye`, then disconnects its own connection from inside the
+/// handler.
+pub const CMD_DISCONNECT_ME: u16 = 5;
+/// Payload `n: u32, every: u32`: answers `started`; a thread then
+/// dispatches `n` [`DISPATCH_STORM`] messages, every `every`-th one of the
+/// maximum size, each carrying its index, retrying every "try again"
+/// (alternately with `try_dispatch` and `dispatch_timeout`). Reports
+/// `@@STORM_DONE id= sent= again=`.
+pub const CMD_STORM: u16 = 6;
+/// Payload `len: u32, tag: u64`: one `try_dispatch` of a
+/// [`DISPATCH_ONE`] message of `len` bytes in all (header included),
+/// payload filled with [`pattern`]`(tag)`. Answers `[outcome, flow]`:
+/// outcome 0 sent, 1 "try again", 2 other error; flow 1 if flow control
+/// is on after it.
+pub const CMD_DISPATCH_ONE: u16 = 7;
+/// Defers; a holder thread keeps the `Responder` and a connection clone
+/// until the `release` control line, then tries to answer and to
+/// dispatch and reports `@@HOLD_RESULT id= respond=<Debug> dispatch=<Debug>`.
+/// Reports `@@HOLDING id=` at once.
+pub const CMD_HOLD: u16 = 8;
+/// Answers this connection's statistics: `dispatched, flow_on, flow_off,
+/// requests, responses, retries` (`u64` LE each).
+pub const CMD_STATS: u16 = 9;
+/// Payload `n: u32`: `try_dispatch`es up to `n` [`DISPATCH_TICKLE`]
+/// messages (payload: their own per-connection counter, `u64`), stopping at
+/// the first "try again"; answers the number sent (`u32`).
+pub const CMD_TICKLE: u16 = 11;
+
+/// Dispatched by [`SVC_REL`]'s connect callback: the connection id (`u64`).
+pub const DISPATCH_WELCOME: u32 = 100;
+pub const DISPATCH_STORM: u32 = 101;
+pub const DISPATCH_ONE: u32 = 102;
+pub const DISPATCH_TICKLE: u32 = 103;
+
+/// Message header length (`coroipc_transport::message::HEADER_LEN`).
+pub const HDR: usize = 16;
+
+pub fn u32s(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+pub fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+pub fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// A payload of `len` bytes that depends on `tag` in every byte, so a torn,
+/// shifted or stale message is caught.
+pub fn pattern(tag: u64, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (tag.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8).collect()
+}
+
+/// Storm message `i` of a connection whose maximum message is `max`
+/// (header included): `u64 i`, `u32 len`, then [`pattern`].
+pub fn storm_payload(i: u64, every: u32, max: usize) -> Vec<u8> {
+    let len = if every > 0 && i % u64::from(every) == u64::from(every) - 1 {
+        max - HDR
+    } else {
+        12 + (i % 53) as usize
+    };
+    let mut p = i.to_le_bytes().to_vec();
+    p.extend_from_slice(&(len as u32).to_le_bytes());
+    p.extend_from_slice(&pattern(i, len - 12));
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Environment of the children
+// ---------------------------------------------------------------------------
+
+pub const EP: &str = "REL_EP";
+pub const MAX_CONN: &str = "REL_MAX_CONN";
+/// How many times the disconnect callback asks to be retried.
+pub const RETRY: &str = "REL_RETRY";
+pub const HS_TIMEOUT_MS: &str = "REL_HS_TIMEOUT_MS";
+/// What a client child does (see [`rel_client_process`]'s callers).
+pub const MODE: &str = "REL_MODE";
+/// A free-form argument of the client mode.
+pub const ARG: &str = "REL_ARG";
+
+pub const SERVER_HELPER: &str = "relcommon::rel_server_process";
+pub const CLIENT_HELPER: &str = "relcommon::rel_client_process";
+
+static NEXT_ENDPOINT: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh abstract endpoint name (nothing in the filesystem).
+pub fn endpoint(tag: &str) -> String {
+    let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
+    format!("@coroipc-rel-{tag}-{}-{n}", std::process::id())
+}
+
+fn env_num(key: &str) -> Option<u64> {
+    std::env::var(key).ok()?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------
+
+/// A child process running one of this binary's helpers.
+pub struct ChildProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    what: String,
+}
+
+pub fn spawn_helper(helper: &str, envs: &[(&str, String)]) -> ChildProc {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut cmd = Command::new(exe);
+    cmd.args(["--ignored", "--exact", helper, "--nocapture", "--test-threads=1"])
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn a child test process");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stdin = child.stdin.take();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(at) = line.find("@@") {
+                if tx.send(line[at + 2..].to_string()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    ChildProc { child, stdin, lines: rx, seen: Vec::new(), what: helper.to_string() }
+}
+
+impl ChildProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn matches(marker: &str, line: &str) -> Option<String> {
+        line.strip_prefix(marker)
+            .filter(|rest| rest.is_empty() || rest.starts_with(' '))
+            .map(|rest| rest.trim().to_string())
+    }
+
+    /// Waits for a line `@@<marker> …` (an earlier unclaimed one first);
+    /// returns what follows the marker.
+    ///
+    /// # Panics
+    ///
+    /// If none comes within `timeout` or the child's stdout closes.
+    pub fn expect(&mut self, marker: &str, timeout: Duration) -> String {
+        if let Some(i) = self.seen.iter().position(|l| Self::matches(marker, l).is_some()) {
+            let line = self.seen.remove(i);
+            return Self::matches(marker, &line).expect("matched above");
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => match Self::matches(marker, &line) {
+                    Some(rest) => return rest,
+                    None => self.seen.push(line),
+                },
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("{} {}: no @@{marker} within {timeout:?}; saw {:?}", self.what, self.pid(), self.seen)
+                }
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "{} {}: stdout closed before @@{marker} (status {:?}); saw {:?}",
+                    self.what,
+                    self.pid(),
+                    self.child.try_wait(),
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// Waits for a `@@<marker>` line whose `key` field is `value`.
+    pub fn expect_with(&mut self, marker: &str, key: &str, value: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut others = Vec::new();
+        let found = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no @@{marker} with {key}={value} within {timeout:?}; saw {others:?}");
+            let line = self.expect(marker, left);
+            if field(&line, key) == value {
+                break line;
+            }
+            others.push(format!("{marker} {line}"));
+        };
+        self.seen.extend(others);
+        found
+    }
+
+    /// All `@@<marker>` lines with `key=value` received so far (claimed).
+    pub fn take_all(&mut self, marker: &str, key: &str, value: &str) -> Vec<String> {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        let mut out = Vec::new();
+        self.seen.retain(|l| match Self::matches(marker, l) {
+            Some(rest) if field_opt(&rest, key) == Some(value) => {
+                out.push(rest);
+                false
+            }
+            _ => true,
+        });
+        out
+    }
+
+    /// Sends a control line to the child's stdin.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("write to child stdin");
+        stdin.flush().expect("flush child stdin");
+    }
+
+    /// Sends a control line and returns the text of the `@@<reply>` line.
+    pub fn command(&mut self, line: &str, reply: &str) -> String {
+        self.send_line(line);
+        self.expect(reply, T)
+    }
+
+    /// SIGKILL (`Child::kill`).
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL the child");
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{} {} did not exit within {timeout:?}", self.what, self.pid());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        self.stdin = None;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field_opt<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// `key=value` out of a marker line.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    field_opt(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+/// A numeric `key=value` out of a marker line.
+pub fn num(line: &str, key: &str) -> u64 {
+    field(line, key).parse().unwrap_or_else(|_| panic!("{key} is not a number in {line:?}"))
+}
+
+/// Prints a marker line (flushed at once).
+pub fn report(marker: &str, text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "@@{marker} {text}");
+    let _ = out.flush();
+}
+
+/// The test server in a child process, with its control channel.
+pub struct TestServer {
+    pub proc: ChildProc,
+    pub ep: String,
+}
+
+impl TestServer {
+    /// Starts the server child and waits until it listens.
+    pub fn start(tag: &str, envs: &[(&str, String)]) -> Self {
+        let ep = endpoint(tag);
+        let mut all = vec![(EP, ep.clone())];
+        all.extend(envs.iter().cloned());
+        let mut proc = spawn_helper(SERVER_HELPER, &all);
+        proc.expect("READY", T);
+        Self { proc, ep }
+    }
+
+    /// The server's own resource figures.
+    pub fn res(&mut self) -> Res {
+        Res::parse(&self.proc.command("res", "RES"))
+    }
+
+    /// Waits until the server has `conns` connections and its descriptors
+    /// and segment mappings equal `base`'s (they are freed asynchronously,
+    /// on the server's loop); returns the last measurement.
+    pub fn settle_to(&mut self, base: &Res, what: &str) -> Res {
+        let deadline = Instant::now() + T;
+        loop {
+            let now = self.res();
+            if now.conns == base.conns && now.fds == base.fds && now.maps == base.maps && now.threads == base.threads
+            {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "{what}: server resources {now:?}, expected back to {base:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn spawn_client(&self, mode: &str, arg: &str) -> ChildProc {
+        spawn_helper(CLIENT_HELPER, &[(EP, self.ep.clone()), (MODE, mode.into()), (ARG, arg.into())])
+    }
+}
+
+/// What the server child reports about itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Res {
+    pub fds: u64,
+    /// Mappings of `memfd:coroipc` segments: count and bytes.
+    pub maps: u64,
+    pub map_bytes: u64,
+    pub shmem_kb: u64,
+    pub anon_kb: u64,
+    pub threads: u64,
+    /// CPU time (user + system) so far, in ms.
+    pub cpu_ms: u64,
+    pub conns: u64,
+}
+
+impl Res {
+    pub fn parse(line: &str) -> Self {
+        Self {
+            fds: num(line, "fds"),
+            maps: num(line, "maps"),
+            map_bytes: num(line, "map_bytes"),
+            shmem_kb: num(line, "shmem_kb"),
+            anon_kb: num(line, "anon_kb"),
+            threads: num(line, "threads"),
+            cpu_ms: num(line, "cpu_ms"),
+            conns: num(line, "conns"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Measurements (of the calling process)
+// ---------------------------------------------------------------------------
+
+pub fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(1).saturating_sub(1)
+}
+
+/// `memfd:coroipc` mappings of this process: (count, bytes).
+pub fn memfd_maps() -> (u64, u64) {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    let mut count = 0;
+    let mut bytes = 0;
+    for line in maps.lines().filter(|l| l.contains("memfd:coroipc")) {
+        if let Some((a, b)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) {
+            let a = u64::from_str_radix(a, 16).unwrap_or(0);
+            let b = u64::from_str_radix(b, 16).unwrap_or(0);
+            count += 1;
+            bytes += b.saturating_sub(a);
+        }
+    }
+    (count, bytes)
+}
+
+/// A numeric field of `/proc/self/status` (kB fields in kB).
+pub fn status_field(name: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of this process in ms (`/proc/self/stat`,
+/// 100 ticks per second as on every Linux this runs on).
+pub fn cpu_ms() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) * 10
+}
+
+pub fn res_line(conns: usize) -> String {
+    let (maps, map_bytes) = memfd_maps();
+    format!(
+        "fds={} maps={maps} map_bytes={map_bytes} shmem_kb={} anon_kb={} threads={} cpu_ms={} conns={conns}",
+        open_fds(),
+        status_field("RssShmem"),
+        status_field("RssAnon"),
+        status_field("Threads"),
+        cpu_ms()
+    )
+}
+
+// ---------------------------------------------------------------------------
+// The server child
+// ---------------------------------------------------------------------------
+
+struct RelState {
+    id: u64,
+}
+
+/// Process-wide state of the server child.
+#[derive(Default)]
+struct Globals {
+    parked: Mutex<Vec<Responder>>,
+    disconnects: Mutex<HashMap<u64, u32>>,
+    hold_release: (Mutex<bool>, Condvar),
+}
+
+fn globals() -> &'static Globals {
+    static G: std::sync::OnceLock<Globals> = std::sync::OnceLock::new();
+    G.get_or_init(Globals::default)
+}
+
+fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
+    ServiceBuilder::new(SVC_REL, |conn: &Connection| {
+        // Dispatch from inside the connect callback.
+        let r = conn.try_dispatch(DISPATCH_WELCOME, &conn.id().to_le_bytes());
+        report("CONNECTED", &format!("id={} welcome={r:?}", conn.id()));
+        Ok(RelState { id: conn.id() })
+    })
+    .on_disconnect(move |conn, state| {
+        assert_eq!(conn.id(), state.id, "the state belongs to its connection");
+        let mut d = globals().disconnects.lock().unwrap();
+        let n = d.entry(conn.id()).or_insert(0);
+        *n += 1;
+        let calls = *n;
+        drop(d);
+        if calls <= retry {
+            report("DISC", &format!("id={} calls={calls} retry=1", conn.id()));
+            Disconnect::RetryLater
+        } else {
+            report("DISC", &format!("id={} calls={calls} retry=0", conn.id()));
+            Disconnect::Done
+        }
+    })
+    .handler(CMD_ECHO, |call| {
+        let p = call.payload();
+        let _ = call.respond(p);
+    })
+    .handler(CMD_NEVER, |call| {
+        report("NEVER", &format!("id={}", call.connection().id()));
+        globals().parked.lock().unwrap().push(call.defer());
+    })
+    .handler(CMD_LATE, |call| {
+        let p = call.payload();
+        let ms = le_u32(p, 0);
+        let data = p[4..].to_vec();
+        let r = call.defer();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms.into()));
+            let _ = r.respond(&data);
+        });
+    })
+    .handler(CMD_SLEEP, |call| {
+        let ms = le_u32(call.payload(), 0);
+        report("SLEEPING", &format!("id={}", call.connection().id()));
+        std::thread::sleep(Duration::from_millis(ms.into()));
+        let _ = call.respond(b"slept");
+    })
+    .handler(CMD_DISCONNECT_ME, |call| {
+        let conn = call.connection().clone();
+        let r = call.respond(b"bye");
+        conn.disconnect();
+        report("DISCONNECTED_ME", &format!("id={} respond={r:?}", conn.id()));
+    })
+    .handler(CMD_STORM, |call| {
+        let p = call.payload();
+        let (n, every) = (le_u32(p, 0), le_u32(p, 4));
+        let conn = call.connection().clone();
+        let _ = call.respond(b"started");
+        std::thread::spawn(move || storm(conn, n, every));
+    })
+    .handler(CMD_DISPATCH_ONE, |call| {
+        let p = call.payload();
+        let (len, tag) = (le_u32(p, 0) as usize, le_u64(p, 4));
+        let conn = call.connection();
+        let outcome = match conn.try_dispatch(DISPATCH_ONE, &pattern(tag, len - HDR)) {
+            Ok(()) => 0u8,
+            Err(DispatchError::TryAgain) => 1,
+            Err(_) => 2,
+        };
+        let flow = u8::from(conn.dispatch_flow_control() == coroipc_server::FlowState::On);
+        let _ = call.respond(&[outcome, flow]);
+    })
+    .handler(CMD_HOLD, |call| {
+        let conn = call.connection().clone();
+        let r = call.defer();
+        report("HOLDING", &format!("id={}", conn.id()));
+        std::thread::spawn(move || {
+            let (m, cv) = &globals().hold_release;
+            let mut go = m.lock().unwrap();
+            while !*go {
+                go = cv.wait(go).unwrap();
+            }
+            drop(go);
+            let respond = r.respond(b"late");
+            let dispatch = conn.try_dispatch(DISPATCH_ONE, b"late");
+            report(
+                "HOLD_RESULT",
+                &format!("id={} respond={respond:?} dispatch={dispatch:?} connected={}", conn.id(), conn.is_connected()),
+            );
+        });
+    })
+    .handler(CMD_STATS, |call| {
+        let s = call.connection().stats();
+        let v = [s.dispatched, s.flow_control_on, s.flow_control_off, s.requests, s.responses, s.retries];
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let _ = call.respond(&bytes);
+    })
+    .handler(CMD_TICKLE, |call| {
+        let n = le_u32(call.payload(), 0);
+        let conn = call.connection().clone();
+        let mut sent = 0u32;
+        for _ in 0..n {
+            let c = conn.stats().dispatched;
+            if conn.try_dispatch(DISPATCH_TICKLE, &c.to_le_bytes()).is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        let _ = call.respond(&sent.to_le_bytes());
+    })
+}
+
+/// Dispatches `n` storm messages, retrying every "try again".
+fn storm(conn: Connection, n: u32, every: u32) {
+    let max = conn.max_message();
+    let mut again = 0u64;
+    let mut sent = 0u64;
+    for i in 0..u64::from(n) {
+        let p = storm_payload(i, every, max);
+        loop {
+            let r = if again % 2 == 0 {
+                conn.try_dispatch(DISPATCH_STORM, &p)
+            } else {
+                conn.dispatch_timeout(DISPATCH_STORM, &[IoSlice::new(&p)], Duration::from_secs(10))
+            };
+            match r {
+                Ok(()) => break,
+                Err(DispatchError::TryAgain) | Err(DispatchError::Timeout) => {
+                    again += 1;
+                    if again % 2 == 0 {
+                        std::thread::yield_now();
+                    }
+                }
+                Err(e) => {
+                    report("STORM_DONE", &format!("id={} sent={sent} again={again} error={e:?}", conn.id()));
+                    return;
+                }
+            }
+        }
+        sent += 1;
+    }
+    report("STORM_DONE", &format!("id={} sent={sent} again={again} error=none", conn.id()));
+}
+
+fn other_service() -> ServiceBuilder<()> {
+    ServiceBuilder::new(SVC_OTHER, |_| Ok(())).handler(CMD_ECHO, |call| {
+        let p = call.payload();
+        let _ = call.respond(p);
+    })
+}
+
+fn priv_service() -> ServiceBuilder<()> {
+    ServiceBuilder::new(SVC_PRIV, |_| Ok(())).handler(CMD_ECHO, |call| {
+        let p = call.payload();
+        let _ = call.respond(p);
+    })
+}
+
+fn handle_control(handle: &ServerHandle, line: &str) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words.as_slice() {
+        ["res"] => report("RES", &res_line(handle.connections().len())),
+        ["stats"] => {
+            let s = handle.stats();
+            report(
+                "STATS",
+                &format!(
+                    "requests={} responses={} dispatched={} flow_on={} flow_off={} retries={} errors={}",
+                    s.requests,
+                    s.responses,
+                    s.dispatched,
+                    s.flow_control_on,
+                    s.flow_control_off,
+                    s.retries,
+                    s.errors
+                ),
+            );
+        }
+        ["shutdown_service", id] => {
+            handle.shutdown_service(id.parse().expect("service id"));
+            report("OK", "");
+        }
+        ["pause", id, on] => {
+            handle.pause_service(id.parse().expect("service id"), *on == "1");
+            report("OK", "");
+        }
+        ["release"] => {
+            let (m, cv) = &globals().hold_release;
+            *m.lock().unwrap() = true;
+            cv.notify_all();
+            report("OK", "");
+        }
+        _ => report("UNKNOWN", line),
+    }
+}
+
+#[test]
+#[ignore = "helper: runs as a child process of the reliability tests"]
+fn rel_server_process() {
+    let Ok(ep) = std::env::var(EP) else { return };
+    let retry = env_num(RETRY).unwrap_or(0) as u32;
+    let mut b = Server::builder()
+        .endpoint(&ep)
+        .service(rel_service(retry))
+        .service(other_service())
+        .service(priv_service())
+        .auth(|cred, service| {
+            if service == SVC_PRIV && cred.uid != 0xfffe_fffe {
+                Err(Refusal::AccessDenied)
+            } else {
+                Ok(())
+            }
+        });
+    if let Some(n) = env_num(MAX_CONN) {
+        b = b.max_connections(n as usize);
+    }
+    if let Some(ms) = env_num(HS_TIMEOUT_MS) {
+        b = b.handshake_timeout(Duration::from_millis(ms));
+    }
+    let server = b.build().expect("build the server");
+    let (handle, _join) = server.spawn().expect("spawn the server loop");
+    report("READY", &format!("pid={} {}", std::process::id(), res_line(0)));
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        handle_control(&handle, &line);
+    }
+    handle.shutdown();
+    std::process::exit(0);
+}
+
+// ---------------------------------------------------------------------------
+// The client child
+// ---------------------------------------------------------------------------
+
+/// Exits the process when stdin closes (the parent is gone); forwards
+/// lines to the returned receiver.
+pub fn watch_stdin() -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+        std::process::exit(0);
+    });
+    rx
+}
+
+pub fn error_name(e: &Error) -> String {
+    match e {
+        Error::Protocol(_) => "Protocol".into(),
+        Error::Io(_) => "Io".into(),
+        other => format!("{other:?}").split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?").to_string(),
+    }
+}
+
+/// A client mode: what a client child does, given the endpoint, its
+/// argument and its stdin lines. Every test file defines
+/// `fn client_mode(name: &str) -> Option<ClientMode>` for its own modes.
+pub type ClientMode = fn(ep: &str, arg: &str, control: Receiver<String>);
+
+#[test]
+#[ignore = "helper: runs as a child process of the reliability tests"]
+fn rel_client_process() {
+    let (Ok(ep), Ok(mode)) = (std::env::var(EP), std::env::var(MODE)) else { return };
+    let arg = std::env::var(ARG).unwrap_or_default();
+    let control = watch_stdin();
+    let f = match mode.as_str() {
+        "block" => block_mode as ClientMode,
+        "flood" => flood_mode,
+        "storm_reader" => storm_reader_mode,
+        other => crate::client_mode(other).unwrap_or_else(|| panic!("no client mode {other}")),
+    };
+    f(&ep, &arg, control);
+    // Stay alive until killed or released.
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// Connects to [`SVC_REL`] (5 s timeout).
+pub fn connect(ep: &str) -> Client {
+    Client::connect(ep, SVC_REL).expect("connect to the test server")
+}
+
+pub fn connect_with(ep: &str, service: u16, sizes: Sizes) -> Result<Client, Error> {
+    Client::builder(ep, service).sizes(sizes).connect()
+}
+
+/// The welcome message: returns the connection id.
+pub fn welcome(client: &Client) -> u64 {
+    let mut buf = [0u8; 64];
+    let info = client.recv_dispatch(&mut buf, Some(T)).expect("welcome dispatch");
+    assert_eq!((info.id, info.seq, info.len), (DISPATCH_WELCOME, 0, 8), "welcome is dispatch seq 0");
+    le_u64(&buf, 0)
+}
+
+/// `arg` = command and ms: `sleep:300` or `never`. Reports `@@READY id=`,
+/// then blocks in that call and reports `@@RESULT`.
+fn block_mode(ep: &str, arg: &str, _control: Receiver<String>) {
+    let client = connect(ep);
+    let id = welcome(&client);
+    report("READY", &format!("id={id} pid={}", std::process::id()));
+    let mut buf = [0u8; 64];
+    let r = match arg.split_once(':') {
+        Some(("sleep", ms)) => client.call(CMD_SLEEP, &u32s(&[ms.parse().unwrap()]), &mut buf),
+        _ => client.call(CMD_NEVER, b"", &mut buf),
+    };
+    report("RESULT", &format!("{r:?}").replace(' ', "_"));
+}
+
+/// Echo calls as fast as possible; reports `@@READY id=` after the first.
+fn flood_mode(ep: &str, arg: &str, _control: Receiver<String>) {
+    let service = if arg == "other" { SVC_OTHER } else { SVC_REL };
+    let client = Client::connect(ep, service).expect("connect");
+    let id = if service == SVC_REL { welcome(&client) } else { 0 };
+    let mut buf = vec![0u8; 256];
+    let mut n = 0u64;
+    loop {
+        let req = n.to_le_bytes();
+        let got = client.call(CMD_ECHO, &req, &mut buf).expect("echo");
+        assert_eq!(&buf[..got], &req, "echo {n}");
+        if n == 0 {
+            report("READY", &format!("id={id} pid={}", std::process::id()));
+        }
+        n += 1;
+    }
+}
+
+/// Starts a storm (`arg` = `n`) and reads it slowly until killed.
+fn storm_reader_mode(ep: &str, arg: &str, _control: Receiver<String>) {
+    let client = connect(ep);
+    let id = welcome(&client);
+    let n: u32 = arg.parse().unwrap_or(100_000);
+    let mut buf = [0u8; 16];
+    client.call(CMD_STORM, &u32s(&[n, 1000]), &mut buf).expect("start storm");
+    let mut big = vec![0u8; client.max_message()];
+    let mut got = 0u64;
+    loop {
+        let info = client.recv_dispatch(&mut big, Some(T)).expect("storm message");
+        got += 1;
+        if got == 10 {
+            report("READY", &format!("id={id} pid={} seq={}", std::process::id(), info.seq));
+        }
+        if got % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// Shorthand: one echo round trip that must succeed.
+pub fn echo(client: &Client, payload: &[u8]) {
+    let mut buf = vec![0u8; payload.len().max(16)];
+    let n = client.call(CMD_ECHO, payload, &mut buf).expect("echo");
+    assert_eq!(&buf[..n], payload);
+}
+
+/// Polls `cond` until it holds or `timeout` passes.
+pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A counter for unique tags.
+pub fn next_tag() -> u64 {
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+pub fn is_lost<T: std::fmt::Debug>(r: &Result<T, Error>) -> bool {
+    matches!(r, Err(Error::ConnectionLost))
+}
+
+/// `CLOCK_MONOTONIC` in ns: one clock for all processes of the host.
+pub fn mono_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
