@@ -203,6 +203,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Whether the loop can serve a request of `conn` now: one is waiting,
+/// requests are not paused, and its response would fit (see `serve`). A
+/// connection with requests it cannot serve yet (its client does not read
+/// its responses, or its service is paused) must not count as ready: the
+/// built-in loop would poll it without ever reaching `epoll_wait`, spinning
+/// a core and starving accepts and every armed connection (found by
+/// `reliability_hostile::clients_flooding_requests_and_never_reading_cannot_block_the_server_or_grow_it`).
+/// `tick` retries such connections; a resume wakes the loop.
+fn servable(conn: &Connection) -> bool {
+    let c = &conn.inner.channel;
+    c.has_request() && !c.request_paused() && c.response_space_for(c.max_message())
+}
+
 struct Entry {
     conn: Connection,
     service: Arc<dyn ServiceDyn>,
@@ -715,7 +728,7 @@ impl Server {
         let active = self.active.clone();
         let conns = &self.conns;
         let mut ready =
-            || active.iter().any(|id| conns.get(id).is_some_and(|e| e.conn.inner.channel.has_request()));
+            || active.iter().any(|id| conns.get(id).is_some_and(|e| servable(&e.conn)));
         if !spin_until(&mut ready, self.spin) {
             return false;
         }
@@ -733,7 +746,7 @@ impl Server {
         let mut raced = false;
         for id in std::mem::take(&mut self.active) {
             if let Some(e) = self.conns.get_mut(&id) {
-                if e.conn.inner.channel.arm() {
+                if e.conn.inner.channel.arm() && servable(&e.conn) {
                     raced = true;
                 }
                 e.armed = true;
