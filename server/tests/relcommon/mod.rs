@@ -872,3 +872,88 @@ pub fn mono_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
+
+// ---------------------------------------------------------------------------
+// Hand-made connections (hostile clients)
+// ---------------------------------------------------------------------------
+
+/// A connection made by hand from the transport's parts, bypassing
+/// `coroipc_client`: a hostile client holds the raw segment.
+pub struct Raw {
+    pub stream: coroipc_transport::socket::Stream,
+    pub accepted: coroipc_transport::handshake::Accepted,
+    pub segment: std::sync::Arc<coroipc_transport::segment::Segment>,
+    pub request_bell: coroipc_transport::eventfd::EventFd,
+    pub requests: coroipc_ring::Producer,
+    pub responses: coroipc_ring::Consumer,
+    pub dispatch: coroipc_ring::Consumer,
+}
+
+/// Connects by hand and completes a well-formed handshake.
+pub fn raw_connect(ep: &str, sizes: coroipc_transport::handshake::RingSizes) -> Raw {
+    use coroipc_transport::handshake::{ClientHello, ServerReply, REPLY_LEN};
+    let ep = coroipc_transport::socket::Endpoint::parse(ep).expect("endpoint");
+    let stream = coroipc_transport::socket::Stream::connect(&ep).expect("connect");
+    let hello = ClientHello { service: SVC_REL, flags: 0, sizes };
+    stream.send_with_fds(&hello.encode(), &[]).expect("send hello");
+    let mut reply = [0u8; REPLY_LEN];
+    let fds = stream.recv_exact_with_fds(&mut reply, 4).expect("reply");
+    let ServerReply::Accepted(accepted) = ServerReply::decode(&reply).expect("reply decodes") else {
+        panic!("refused")
+    };
+    let mut fds = fds.into_iter();
+    let segment = std::sync::Arc::new(
+        coroipc_transport::segment::Segment::from_fd(fds.next().expect("memfd"), accepted.layout.segment_len)
+            .expect("segment"),
+    );
+    let request_bell =
+        coroipc_transport::eventfd::EventFd::from_fd(fds.next().expect("bell")).expect("request eventfd");
+    let region: std::sync::Arc<dyn coroipc_ring::Region> = segment.clone();
+    let at = |r: coroipc_transport::handshake::Region| (r.offset as usize, r.len as usize);
+    let (o, l) = at(accepted.layout.request);
+    let requests = coroipc_ring::Producer::attach(region.clone(), o, l).expect("request ring");
+    let (o, l) = at(accepted.layout.response);
+    let responses = coroipc_ring::Consumer::attach(region.clone(), o, l).expect("response ring");
+    let (o, l) = at(accepted.layout.dispatch);
+    let dispatch = coroipc_ring::Consumer::attach(region, o, l).expect("dispatch ring");
+    Raw { stream, accepted, segment, request_bell, requests, responses, dispatch }
+}
+
+/// A request message: header then payload.
+pub fn message(command: u16, seq: u64, payload: &[u8]) -> Vec<u8> {
+    let mut m = coroipc_transport::message::MessageHeader { id: u32::from(command), flags: 0, seq }.encode().to_vec();
+    m.extend_from_slice(payload);
+    m
+}
+
+/// xorshift64*, biased towards values that break invariants.
+pub struct Garbage(pub u64);
+
+impl Garbage {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn word(&mut self) -> u64 {
+        const INTERESTING: [u64; 12] =
+            [0, 1, 7, 8, 4095, 4096, 1 << 32, 1 << 63, u64::MAX, u64::MAX - 7, 0xffff_ffff, 0x1_0000_0008];
+        let r = self.next();
+        if r % 2 == 0 {
+            INTERESTING[(r >> 8) as usize % INTERESTING.len()]
+        } else {
+            self.next()
+        }
+    }
+}
+
+/// Byte offsets of a ring header's fields (`coroipc-ring`'s `header.rs`),
+/// as the transport's hostile-client suite uses them.
+pub const RING_TAIL: u64 = 128;
+pub const RING_HEAD: u64 = 256;
+pub const RING_DATA_WAIT: u64 = 384;
+pub const RING_SPACE_WAIT: u64 = 512;
+pub const RING_FLOW: u64 = 640;
+pub const RING_DATA: u64 = 768;
