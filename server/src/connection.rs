@@ -2,9 +2,9 @@
 
 use std::fmt;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use coroipc_ring::{FlowChange, FlowState};
 use coroipc_transport::channel::{ChannelError, ServerChannel};
@@ -26,7 +26,14 @@ pub(crate) struct ConnInner {
     pub(crate) service: u16,
     pub(crate) channel: ServerChannel,
     pub(crate) counters: Counters,
-    dispatch_seq: AtomicU64,
+    /// The next dispatch sequence number; also the dispatch lock (see
+    /// [`Connection::dispatch_once`]).
+    dispatch_seq: Mutex<u64>,
+    /// Whether this side last saw dispatch flow control on. The ring reports
+    /// "raised" to the producer (us) but "cleared" to the consumer (the
+    /// client), so the server learns of the clear by looking: see
+    /// [`Connection::observe_flow`].
+    flow_on: AtomicBool,
     /// Set by `disconnect()` (any thread); acted on by the event loop.
     pub(crate) disconnect_requested: AtomicBool,
     /// Set by the event loop once the connection is closed.
@@ -71,7 +78,8 @@ impl Connection {
                 service,
                 channel,
                 counters: Counters::default(),
-                dispatch_seq: AtomicU64::new(0),
+                dispatch_seq: Mutex::new(0),
+                flow_on: AtomicBool::new(false),
                 disconnect_requested: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 waker,
@@ -107,6 +115,7 @@ impl Connection {
 
     /// A snapshot of this connection's counters.
     pub fn stats(&self) -> Stats {
+        self.observe_flow();
         self.inner.counters.snapshot()
     }
 
@@ -123,6 +132,7 @@ impl Connection {
     /// low one).
     #[doc(alias = "coroipcs_dispatch_flow_control")]
     pub fn dispatch_flow_control(&self) -> FlowState {
+        self.observe_flow();
         self.inner.channel.dispatch_flow()
     }
 
@@ -147,18 +157,53 @@ impl Connection {
         Ok(())
     }
 
+    /// Counts a flow-control "off" transition once the client has cleared
+    /// flow control (the consumer's release clears it, and only the client
+    /// is told). Called whenever the server looks at the connection's flow
+    /// state or counters, so `flow_control_off` catches up with
+    /// `flow_control_on` as soon as the client drained its ring.
+    fn observe_flow(&self) {
+        if self.inner.flow_on.load(Ordering::Acquire)
+            && self.inner.channel.dispatch_flow() == FlowState::Off
+            && self.inner.flow_on.compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            Counters::bump(&self.inner.counters.flow_control_off, 1);
+        }
+    }
+
     fn count_flow(&self, change: FlowChange) {
         let c = &self.inner.counters;
         match change {
-            FlowChange::Raised => Counters::bump(&c.flow_control_on, 1),
+            FlowChange::Raised => {
+                // Raised again before we saw the clear in between: count
+                // that clear too, so "on" and "off" stay paired.
+                if self.inner.flow_on.swap(true, Ordering::AcqRel) {
+                    Counters::bump(&c.flow_control_off, 1);
+                }
+                Counters::bump(&c.flow_control_on, 1);
+            }
             FlowChange::Cleared => Counters::bump(&c.flow_control_off, 1),
             FlowChange::None => {}
         }
     }
 
-    fn dispatch_header(&self, id: u32) -> [u8; HEADER_LEN] {
-        let seq = self.inner.dispatch_seq.fetch_add(1, Ordering::Relaxed);
-        MessageHeader { id, flags: 0, seq }.encode()
+    /// One attempt to dispatch, never waiting: numbers the message and
+    /// pushes it under the connection's dispatch lock, so that sequence
+    /// numbers are given only to messages actually sent and reach the
+    /// client in order, whatever threads dispatch concurrently (a number
+    /// taken before the push would leave a gap on "try again" and could be
+    /// overtaken by another thread's push). The lock is held for one copy
+    /// into the ring, never while waiting.
+    fn dispatch_once(&self, id: u32, parts: &[IoSlice<'_>]) -> (Result<FlowChange, ChannelError>, usize) {
+        let mut next_seq = self.inner.dispatch_seq.lock().unwrap_or_else(PoisonError::into_inner);
+        let header = MessageHeader { id, flags: 0, seq: *next_seq }.encode();
+        let iov = with_header(&header, parts);
+        let len = iov.iter().map(|p| p.len()).sum();
+        let result = self.inner.channel.try_dispatch(&iov);
+        if result.is_ok() {
+            *next_seq += 1;
+        }
+        (result, len)
     }
 
     fn after_dispatch(
@@ -188,6 +233,9 @@ impl Connection {
     /// Sends dispatch message `id` with `payload` without blocking
     /// (coroipc's `coroipcs_dispatch_send`). Callable from any thread.
     ///
+    /// Messages of one connection carry consecutive sequence numbers
+    /// (from 0) in the order the client receives them.
+    ///
     /// # Errors
     ///
     /// [`DispatchError::TryAgain`] while flow control is on or the ring is
@@ -198,7 +246,9 @@ impl Connection {
         self.try_dispatch_vectored(id, &[IoSlice::new(payload)])
     }
 
-    /// Gathering form of [`try_dispatch`](Self::try_dispatch).
+    /// Gathering form of [`try_dispatch`](Self::try_dispatch): the message
+    /// is the concatenation of `parts` (coroipc's
+    /// `coroipcs_dispatch_iov_send`).
     ///
     /// # Errors
     ///
@@ -206,18 +256,18 @@ impl Connection {
     #[doc(alias = "coroipcs_dispatch_iov_send")]
     pub fn try_dispatch_vectored(&self, id: u32, parts: &[IoSlice<'_>]) -> Result<(), DispatchError> {
         self.check_open()?;
-        let header = self.dispatch_header(id);
-        let iov = with_header(&header, parts);
-        let len = iov.iter().map(|p| p.len()).sum();
-        self.after_dispatch(self.inner.channel.try_dispatch(&iov), len)
+        self.observe_flow();
+        let (result, len) = self.dispatch_once(id, parts);
+        self.after_dispatch(result, len)
     }
 
-    /// Sends a dispatch message, waiting up to `timeout` while flow control
-    /// is on or the ring is full.
+    /// Sends a dispatch message (the concatenation of `parts`), waiting up
+    /// to `timeout` while flow control is on or the ring is full.
     ///
     /// # Errors
     ///
     /// `Timeout`, `TooBig`, `Disconnected`.
+    #[doc(alias = "coroipcs_dispatch_iov_send")]
     pub fn dispatch_timeout(
         &self,
         id: u32,
@@ -225,10 +275,21 @@ impl Connection {
         timeout: Duration,
     ) -> Result<(), DispatchError> {
         self.check_open()?;
-        let header = self.dispatch_header(id);
-        let iov = with_header(&header, parts);
-        let len = iov.iter().map(|p| p.len()).sum();
-        self.after_dispatch(self.inner.channel.dispatch_timeout(&iov, timeout), len)
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.observe_flow();
+            let (result, len) = self.dispatch_once(id, parts);
+            match result {
+                Err(ChannelError::TryAgain) => {}
+                other => return self.after_dispatch(other, len),
+            }
+            // Wait without the dispatch lock, so other threads' try_dispatch
+            // keep answering at once.
+            if let Err(e) = self.inner.channel.wait_dispatch_room(len, deadline) {
+                return self.after_dispatch(Err(e), len);
+            }
+            self.check_open()?;
+        }
     }
 
     /// Sends a response to request `seq` (used by `Call` and `Responder`).

@@ -179,6 +179,7 @@ impl ServerBuilder {
             paused_services: Vec::new(),
             scratch: Vec::new(),
             stopped: false,
+            builtin_loop: false,
         })
     }
 }
@@ -257,6 +258,10 @@ pub struct Server {
     paused_services: Vec<u16>,
     scratch: Vec<u8>,
     stopped: bool,
+    /// Set by [`Server::run`]. The built-in loop arms connections itself
+    /// (after spinning on them); in a foreign loop the entry points arm
+    /// every connection they served before returning (`arm_for_sleep`).
+    builtin_loop: bool,
 }
 
 impl std::fmt::Debug for Server {
@@ -358,16 +363,22 @@ impl Server {
     /// Handles one ready token reported by the event loop.
     pub fn handle_event(&mut self, token: Token, poller: &mut dyn Poller) {
         match token {
-            LISTENER_TOKEN => self.handle_accept(poller),
+            LISTENER_TOKEN => self.accept_all(poller),
             WAKER_TOKEN => self.handle_wake(poller),
-            Token(id) => self.handle_ready(id, poller),
+            Token(id) => self.ready(id, poller),
         }
+        self.arm_for_sleep(poller);
     }
 
     /// "Listener ready" (coroipc's `coroipcs_handler_accept`): accepts
     /// every queued client and starts their handshakes.
     #[doc(alias = "coroipcs_handler_accept")]
     pub fn handle_accept(&mut self, poller: &mut dyn Poller) {
+        self.accept_all(poller);
+        self.arm_for_sleep(poller);
+    }
+
+    fn accept_all(&mut self, poller: &mut dyn Poller) {
         loop {
             let stream = match self.listener.try_accept() {
                 Ok(Some(s)) => s,
@@ -401,6 +412,11 @@ impl Server {
     /// notices its hang-up.
     #[doc(alias = "coroipcs_handler_dispatch")]
     pub fn handle_ready(&mut self, id: u64, poller: &mut dyn Poller) {
+        self.ready(id, poller);
+        self.arm_for_sleep(poller);
+    }
+
+    fn ready(&mut self, id: u64, poller: &mut dyn Poller) {
         if self.pending.contains_key(&id) {
             self.advance_handshake(id, poller);
             return;
@@ -409,7 +425,9 @@ impl Server {
         if entry.armed {
             entry.conn.inner.channel.disarm();
             entry.armed = false;
-            self.active.push(id);
+            if !self.active.contains(&id) {
+                self.active.push(id);
+            }
         }
         if !entry.conn.inner.channel.peer_alive() {
             self.close_connection(id, poller, "client closed the connection");
@@ -500,6 +518,43 @@ impl Server {
                 self.serve(id, poller);
             }
         }
+        self.arm_for_sleep(poller);
+    }
+
+    /// Foreign loops only (the built-in loop arms in [`run`](Self::run)
+    /// after spinning): arms every connection served since the last call,
+    /// so that its next request rings its eventfd and wakes the loop, and
+    /// serves again those whose requests raced the arming. Without this a
+    /// foreign loop would see a connection's requests only at `tick`.
+    /// A connection still busy after a few rounds is left to a wake-up
+    /// through the waker, so one client cannot starve the loop.
+    fn arm_for_sleep(&mut self, poller: &mut dyn Poller) {
+        if self.builtin_loop {
+            return;
+        }
+        for _ in 0..4 {
+            if self.active.is_empty() {
+                return;
+            }
+            let mut raced = Vec::new();
+            for id in std::mem::take(&mut self.active) {
+                if let Some(e) = self.conns.get_mut(&id) {
+                    e.armed = true;
+                    if e.conn.inner.channel.arm() {
+                        raced.push(id);
+                    }
+                }
+            }
+            // `serve` puts the connections that made progress back into
+            // `active`; a paused or stalled one stays armed and waits for
+            // its resume (waker) or for `tick`.
+            for id in raced {
+                self.serve(id, poller);
+            }
+        }
+        if !self.active.is_empty() {
+            self.shared.waker.signal();
+        }
     }
 
     fn advance_handshake(&mut self, id: u64, poller: &mut dyn Poller) {
@@ -541,15 +596,23 @@ impl Server {
                 return;
             }
         };
+        // `accept` consumes the stream and closes it on failure: deregister
+        // it first (epoll would forget a closed fd by itself, a poll(2)
+        // loop's list would not) and register it again on success.
+        let _ = poller.deregister(pending.stream().as_fd());
         let channel = match pending.accept(sizes, &self.limits) {
             Ok(c) => c,
             Err(e) => {
                 log::warn!("client {id}: cannot set up the connection: {e}");
-                return; // the stream was closed by `accept`; epoll forgets it
+                return;
             }
         };
         let conn =
             Connection::new(id, service.id(), channel, self.shared.waker.clone(), self.response_timeout);
+        if let Err(e) = poller.register(conn.inner.channel.socket_fd(), Token(id)) {
+            log::warn!("client {id}: cannot register: {e}");
+            return;
+        }
         if let Err(e) = poller.register(conn.inner.channel.request_fd(), Token(id)) {
             log::warn!("client {id}: cannot register: {e}");
             let _ = poller.deregister(conn.inner.channel.socket_fd());
@@ -659,6 +722,9 @@ impl Server {
                 return handled;
             }
         }
+        if handled > 0 && !self.builtin_loop && !self.active.contains(&id) {
+            self.active.push(id); // to be armed (or served again) by `arm_for_sleep`
+        }
         handled
     }
 
@@ -727,8 +793,7 @@ impl Server {
         }
         let active = self.active.clone();
         let conns = &self.conns;
-        let mut ready =
-            || active.iter().any(|id| conns.get(id).is_some_and(|e| servable(&e.conn)));
+        let mut ready = || active.iter().any(|id| conns.get(id).is_some_and(|e| servable(&e.conn)));
         if !spin_until(&mut ready, self.spin) {
             return false;
         }
@@ -747,7 +812,11 @@ impl Server {
         for id in std::mem::take(&mut self.active) {
             if let Some(e) = self.conns.get_mut(&id) {
                 if e.conn.inner.channel.arm() && servable(&e.conn) {
+                    // A request arrived before the announcement, so its
+                    // client rang nobody: keep polling this connection, or
+                    // the request would wait for the next tick (10 ms).
                     raced = true;
+                    self.active.push(id);
                 }
                 e.armed = true;
             }
@@ -767,6 +836,7 @@ impl Server {
     ///
     /// An error of the epoll instance itself.
     pub fn run(mut self) -> io::Result<()> {
+        self.builtin_loop = true;
         let mut poller = EpollPoller::new()?;
         self.register(&mut poller)?;
         let mut ready = Vec::with_capacity(64);

@@ -113,7 +113,8 @@ impl<'a, S> Call<'a, S> {
     ///
     /// # Errors
     ///
-    /// [`RespondError`] if the connection closed or the response is too big.
+    /// [`RespondError`] if the connection closed or the response is too big
+    /// (the client is then answered [`Status::TooBig`]).
     #[doc(alias = "coroipcs_response_send")]
     pub fn respond(self, payload: &[u8]) -> Result<(), RespondError> {
         self.respond_vectored(&[IoSlice::new(payload)])
@@ -131,7 +132,7 @@ impl<'a, S> Call<'a, S> {
         if self.request.oneway {
             return Ok(());
         }
-        self.connection.respond(self.request.seq, Status::Ok, parts)
+        answer(self.connection, self.request.seq, parts)
     }
 
     /// Answers with an error status and no payload.
@@ -193,7 +194,9 @@ impl Responder {
     ///
     /// # Errors
     ///
-    /// [`RespondError::Disconnected`] if the client went away meanwhile.
+    /// [`RespondError::Disconnected`] if the client went away meanwhile
+    /// (never a panic); `TooBig` (the client is then answered
+    /// [`Status::TooBig`]); `Timeout` if the client did not make room.
     pub fn respond(self, payload: &[u8]) -> Result<(), RespondError> {
         self.respond_vectored(&[IoSlice::new(payload)])
     }
@@ -208,7 +211,7 @@ impl Responder {
         if self.oneway {
             return Ok(());
         }
-        self.connection.respond(self.seq, Status::Ok, parts)
+        answer(&self.connection, self.seq, parts)
     }
 
     /// Answers with an error status.
@@ -231,6 +234,17 @@ impl Drop for Responder {
             let _ = self.connection.respond(self.seq, Status::Invalid, &[]);
         }
     }
+}
+
+/// Sends the response `parts` to request `seq`. A response too big for
+/// the connection is answered [`Status::TooBig`] instead: the request is
+/// marked answered, and without this the client would wait for ever.
+fn answer(connection: &Connection, seq: u64, parts: &[IoSlice<'_>]) -> Result<(), RespondError> {
+    let result = connection.respond(seq, Status::Ok, parts);
+    if result == Err(RespondError::TooBig) {
+        let _ = connection.respond(seq, Status::TooBig, &[]);
+    }
+    result
 }
 
 /// A request handler.
