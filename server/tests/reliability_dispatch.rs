@@ -56,7 +56,10 @@ fn dispatch_storm_of_30000_messages_through_flow_control_arrives_complete_in_ord
             big += 1;
         }
     }
-    eprintln!("{N} dispatch messages ({big} of {max} bytes) in {:?}; flow control seen on {saw_on} times", start.elapsed());
+    eprintln!(
+        "{N} dispatch messages ({big} of {max} bytes) in {:?}; flow control seen on {saw_on} times",
+        start.elapsed()
+    );
     assert_eq!(big, N / 1000, "every 1000th message was of the maximum size");
     assert!(saw_on >= 2, "flow control turned on while the client paused ({saw_on})");
     let done = server.proc.expect_with("STORM_DONE", "id", &id.to_string(), T);
@@ -180,7 +183,10 @@ fn flow_control_is_visible_to_clients_in_both_directions_and_matches_the_statist
     // Request direction: the service is paused.
     server.proc.command(&format!("pause {SVC_REL} 1"), "OK");
     assert!(eventually(T, || client.request_flow_control() == FlowState::On), "the client sees the pause");
-    assert!(matches!(client.send(CMD_ECHO, &[IoSlice::new(b"x")], Some(Duration::ZERO)), Err(Error::TryAgain)));
+    assert!(matches!(
+        client.send(CMD_ECHO, &[IoSlice::new(b"x")], Some(Duration::ZERO)),
+        Err(Error::TryAgain)
+    ));
     let mut buf = [0u8; 16];
     let r = client.call_timeout(CMD_ECHO, &[IoSlice::new(b"x")], &mut buf, Some(Duration::from_millis(100)));
     assert!(matches!(r, Err(Error::Timeout)), "{r:?}");
@@ -228,4 +234,3 @@ fn a_client_that_never_reads_its_dispatch_channel_cannot_block_the_server_or_gro
     assert_eq!(field(&done, "error"), "Disconnected", "{done}");
     server.settle_to(&base, "after the non-reader left");
 }
-

@@ -28,8 +28,12 @@ fn client_mode(name: &str) -> Option<ClientMode> {
     }
 }
 
-const SMALL: RingSizes =
-    RingSizes { request_ring_bytes: 4096, response_ring_bytes: 4096, dispatch_ring_bytes: 4096, max_message_bytes: 512 };
+const SMALL: RingSizes = RingSizes {
+    request_ring_bytes: 4096,
+    response_ring_bytes: 4096,
+    dispatch_ring_bytes: 4096,
+    max_message_bytes: 512,
+};
 
 fn stream(ep: &str) -> Stream {
     Stream::connect(&Endpoint::parse(ep).unwrap()).expect("connect")
@@ -166,7 +170,8 @@ fn slow_loris_handshakes_do_not_block_other_connects_and_are_dropped_at_the_time
 /// The 8-aligned byte ranges a scribbling client targets.
 fn ranges(target: &str, raw: &Raw) -> Vec<(u64, u64)> {
     let l = raw.accepted.layout;
-    let field = |r: coroipc_transport::handshake::Region, off: u64, len: u64| (r.offset + off, r.offset + off + len);
+    let field =
+        |r: coroipc_transport::handshake::Region, off: u64, len: u64| (r.offset + off, r.offset + off + len);
     let rings = [l.request, l.response, l.dispatch];
     match target {
         "positions" => rings.iter().flat_map(|&r| [field(r, RING_TAIL, 8), field(r, RING_HEAD, 8)]).collect(),
@@ -262,7 +267,12 @@ fn scribbling_clients_are_dropped_while_others_are_served_with_bounded_cpu_and_m
     let cpu = later.cpu_ms - idle.cpu_ms;
     eprintln!("server: start {base:?}, after {after:?}; idle CPU {cpu} ms in 500 ms");
     assert!(cpu <= 50, "the idle server burnt {cpu} ms of CPU in 500 ms");
-    assert!(later.anon_kb < base.anon_kb + 16 * 1024, "server heap grew from {} to {} kB", base.anon_kb, later.anon_kb);
+    assert!(
+        later.anon_kb < base.anon_kb + 16 * 1024,
+        "server heap grew from {} to {} kB",
+        base.anon_kb,
+        later.anon_kb
+    );
 }
 
 /// Child: fills its request ring (and asks for dispatch) as fast as it
@@ -322,7 +332,12 @@ fn clients_flooding_requests_and_never_reading_cannot_block_the_server_or_grow_i
     let cpu = b.cpu_ms - a.cpu_ms;
     eprintln!("server CPU with 3 stalled flooders: {cpu} ms in 1 s; memory {a:?} → {b:?}");
     assert!(cpu < 300, "the server spun on connections it cannot serve: {cpu} ms of CPU in 1 s");
-    assert!(b.anon_kb < base.anon_kb + 16 * 1024, "server heap grew from {} to {} kB", base.anon_kb, b.anon_kb);
+    assert!(
+        b.anon_kb < base.anon_kb + 16 * 1024,
+        "server heap grew from {} to {} kB",
+        base.anon_kb,
+        b.anon_kb
+    );
     drop(flooders);
     server.settle_to(&base, "after the flooders were killed");
 }
@@ -371,8 +386,8 @@ fn hostile_server_mode(ep: &str, how: &str, _control: Receiver<String>) {
         let sizes = negotiate(&hello.sizes, &limits).expect("sizes");
         let layout = layout_for(&sizes);
         let channel = pending.accept(sizes, &limits).expect("accept");
-        let segment =
-            coroipc_transport::segment::Segment::from_fd(reopen_segment_fd(), layout.segment_len).expect("map");
+        let segment = coroipc_transport::segment::Segment::from_fd(reopen_segment_fd(), layout.segment_len)
+            .expect("map");
         let start = Instant::now();
         let mut buf = Vec::new();
         while start.elapsed() < Duration::from_secs(3) && channel.peer_alive() {
@@ -408,8 +423,10 @@ fn hostile_server_mode(ep: &str, how: &str, _control: Receiver<String>) {
 fn a_hostile_server_gets_errors_from_the_client_never_a_panic_or_a_hang() {
     for how in ["messages", "positions", "everything"] {
         let ep = endpoint("hostile-server");
-        let mut hostile =
-            spawn_helper(CLIENT_HELPER, &[(EP, ep.clone()), (MODE, "hostile_server".into()), (ARG, how.into())]);
+        let mut hostile = spawn_helper(
+            CLIENT_HELPER,
+            &[(EP, ep.clone()), (MODE, "hostile_server".into()), (ARG, how.into())],
+        );
         hostile.expect("READY", T);
         let mut errors = std::collections::BTreeMap::<String, u32>::new();
         let mut ok = 0u32;

@@ -74,10 +74,7 @@ fn oversize_request_is_too_big_and_nothing_is_sent() {
     assert!(matches!(client.send(CMD_ECHO, &parts, None), Err(Error::TooBig)), "pipelined");
     assert!(matches!(client.send_oneway(CMD_ECHO, &parts, None), Err(Error::TooBig)), "oneway");
     assert_eq!(client.in_flight(), 0, "nothing outstanding");
-    assert!(
-        matches!(client.call_in_place(CMD_ECHO, &parts, Some(T)), Err(Error::TooBig)),
-        "zero-copy call"
-    );
+    assert!(matches!(client.call_in_place(CMD_ECHO, &parts, Some(T)), Err(Error::TooBig)), "zero-copy call");
     // The server saw none of them: one more request (the stats call itself).
     assert_eq!(server_requests(&client), before + 1, "no oversize request reached the server");
     // The largest allowed size still goes through, both ways.
@@ -219,7 +216,10 @@ fn client_sigkilled_mid_request_mid_dispatch_and_while_the_server_sleeps_is_disc
     welcome(&client);
     echo(&client, b"still serving");
     for id in [id_sleep, id_flood, id_storm] {
-        assert!(server.proc.take_all("DISC", "id", &id.to_string()).is_empty(), "connection {id}: called once");
+        assert!(
+            server.proc.take_all("DISC", "id", &id.to_string()).is_empty(),
+            "connection {id}: called once"
+        );
     }
 }
 

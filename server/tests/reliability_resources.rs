@@ -21,7 +21,12 @@ fn client_mode(_name: &str) -> Option<ClientMode> {
 fn five_thousand_connect_disconnect_cycles_return_fds_memory_and_threads_to_their_start() {
     let mut server = TestServer::start("cycles", &[]);
     let base = server.res();
-    let small = Sizes { request_ring_bytes: 4096, response_ring_bytes: 4096, dispatch_ring_bytes: 4096, max_message_bytes: 512 };
+    let small = Sizes {
+        request_ring_bytes: 4096,
+        response_ring_bytes: 4096,
+        dispatch_ring_bytes: 4096,
+        max_message_bytes: 512,
+    };
     let start = Instant::now();
     let mut mid = base;
     for i in 0..5_000u32 {
@@ -41,7 +46,12 @@ fn five_thousand_connect_disconnect_cycles_return_fds_memory_and_threads_to_thei
     let end = server.settle_to(&base, "after 5,000 cycles");
     eprintln!("server: start {base:?}, mid-run {mid:?}, end {end:?}");
     assert_eq!((end.maps, end.map_bytes), (0, 0), "no segment left mapped");
-    assert!(end.shmem_kb <= base.shmem_kb + 64, "shared memory back: {} → {} kB", base.shmem_kb, end.shmem_kb);
+    assert!(
+        end.shmem_kb <= base.shmem_kb + 64,
+        "shared memory back: {} → {} kB",
+        base.shmem_kb,
+        end.shmem_kb
+    );
     assert!(end.anon_kb < base.anon_kb + 8 * 1024, "heap: {} → {} kB", base.anon_kb, end.anon_kb);
     // (Clients that leave before the connect callback ran make its
     // welcome dispatch fail with "disconnected": counted as errors, and
@@ -142,7 +152,11 @@ fn a_busy_service_does_not_starve_the_accept_path_or_other_services() {
         pct(&calls, 100)
     );
     assert!(pct(&connects, 100) < Duration::from_millis(500), "a connect waited {:?}", pct(&connects, 100));
-    assert!(pct(&calls, 99) < Duration::from_millis(100), "calls of another service: p99 {:?}", pct(&calls, 99));
+    assert!(
+        pct(&calls, 99) < Duration::from_millis(100),
+        "calls of another service: p99 {:?}",
+        pct(&calls, 99)
+    );
     drop(busy);
 }
 

@@ -30,8 +30,12 @@ fn soak_secs() -> u64 {
 
 /// Sizes of a soak client: small rings, so 32 of them stay cheap and the
 /// dispatch ring fills (flow control) now and then.
-const SOAK_SIZES: Sizes =
-    Sizes { request_ring_bytes: 4096, response_ring_bytes: 4096, dispatch_ring_bytes: 8192, max_message_bytes: 1024 };
+const SOAK_SIZES: Sizes = Sizes {
+    request_ring_bytes: 4096,
+    response_ring_bytes: 4096,
+    dispatch_ring_bytes: 8192,
+    max_message_bytes: 1024,
+};
 
 /// Receives every waiting dispatch message, checking each.
 fn drain(client: &coroipc_client::Client, next: &mut u64) {
@@ -81,7 +85,10 @@ fn soak_mode(ep: &str, _arg: &str, control: Receiver<String>) {
     let dispatched = le_u64(&b, 0);
     let deadline = Instant::now() + T;
     while next_dispatch < dispatched {
-        assert!(Instant::now() < deadline, "dispatch messages missing: got up to {next_dispatch}, server sent {dispatched}");
+        assert!(
+            Instant::now() < deadline,
+            "dispatch messages missing: got up to {next_dispatch}, server sent {dispatched}"
+        );
         drain(&client, &mut next_dispatch);
     }
     assert_eq!(dispatched, tickled + 1, "the server sent what it said it sent (+ the welcome)");
@@ -96,7 +103,8 @@ fn soak_32_clients_with_a_sigkill_every_100ms_lose_nothing_and_the_server_stays_
     let secs = soak_secs();
     let mut server = TestServer::start("soak", &[]);
     let base = server.res();
-    let mut clients: Vec<(ChildProc, bool)> = (0..CLIENTS).map(|_| (server.spawn_client("soak", ""), false)).collect();
+    let mut clients: Vec<(ChildProc, bool)> =
+        (0..CLIENTS).map(|_| (server.spawn_client("soak", ""), false)).collect();
     for (c, ready) in &mut clients {
         c.expect("READY", T);
         *ready = true;
@@ -151,7 +159,12 @@ fn soak_32_clients_with_a_sigkill_every_100ms_lose_nothing_and_the_server_stays_
     let per_conn = (full.fds - base.fds) / CLIENTS as u64;
     assert!(max_fds <= full.fds + 8 * per_conn, "descriptors grew: {max_fds}, with 32 clients {}", full.fds);
     assert!(max_maps <= full.maps + 8, "mappings grew: {max_maps}, with 32 clients {}", full.maps);
-    assert!(end_full.shmem_kb <= full.shmem_kb + 8 * 64, "shared memory grew: {} → {} kB", full.shmem_kb, end_full.shmem_kb);
+    assert!(
+        end_full.shmem_kb <= full.shmem_kb + 8 * 64,
+        "shared memory grew: {} → {} kB",
+        full.shmem_kb,
+        end_full.shmem_kb
+    );
     assert!(max_anon < full.anon_kb + 16 * 1024, "heap grew: {} → {max_anon} kB", full.anon_kb);
     drop(clients);
     let end = server.settle_to(&base, "after the soak");

@@ -230,7 +230,12 @@ impl ChildProc {
                     None => self.seen.push(line),
                 },
                 Err(RecvTimeoutError::Timeout) => {
-                    panic!("{} {}: no @@{marker} within {timeout:?}; saw {:?}", self.what, self.pid(), self.seen)
+                    panic!(
+                        "{} {}: no @@{marker} within {timeout:?}; saw {:?}",
+                        self.what,
+                        self.pid(),
+                        self.seen
+                    )
                 }
                 Err(RecvTimeoutError::Disconnected) => panic!(
                     "{} {}: stdout closed before @@{marker} (status {:?}); saw {:?}",
@@ -300,7 +305,12 @@ impl ChildProc {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "{} {} did not exit within {timeout:?}", self.what, self.pid());
+            assert!(
+                Instant::now() < deadline,
+                "{} {} did not exit within {timeout:?}",
+                self.what,
+                self.pid()
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
     }
@@ -364,7 +374,10 @@ impl TestServer {
         let deadline = Instant::now() + T;
         loop {
             let now = self.res();
-            if now.conns == base.conns && now.fds == base.fds && now.maps == base.maps && now.threads == base.threads
+            if now.conns == base.conns
+                && now.fds == base.fds
+                && now.maps == base.maps
+                && now.threads == base.threads
             {
                 return now;
             }
@@ -573,7 +586,11 @@ fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
             let dispatch = conn.try_dispatch(DISPATCH_ONE, b"late");
             report(
                 "HOLD_RESULT",
-                &format!("id={} respond={respond:?} dispatch={dispatch:?} connected={}", conn.id(), conn.is_connected()),
+                &format!(
+                    "id={} respond={respond:?} dispatch={dispatch:?} connected={}",
+                    conn.id(),
+                    conn.is_connected()
+                ),
             );
         });
     })
@@ -921,7 +938,8 @@ pub fn raw_connect(ep: &str, sizes: coroipc_transport::handshake::RingSizes) -> 
 
 /// A request message: header then payload.
 pub fn message(command: u16, seq: u64, payload: &[u8]) -> Vec<u8> {
-    let mut m = coroipc_transport::message::MessageHeader { id: u32::from(command), flags: 0, seq }.encode().to_vec();
+    let mut m =
+        coroipc_transport::message::MessageHeader { id: u32::from(command), flags: 0, seq }.encode().to_vec();
     m.extend_from_slice(payload);
     m
 }
