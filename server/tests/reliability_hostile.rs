@@ -325,13 +325,16 @@ fn clients_flooding_requests_and_never_reading_cannot_block_the_server_or_grow_i
     eprintln!("20 connects + calls beside 3 flooders: worst {worst:?}; server CPU {cpu} ms in {wall} ms");
     assert!(worst < Duration::from_millis(500), "a new client waited {worst:?}");
     // Stalled connections must not make the loop spin: it waits for room.
+    // (Each bell ring of a flooder still costs a wake-up and one spin
+    // budget: about 250 ms of CPU per second for three flooders ringing
+    // every 0.5 ms. A spinning loop would use the whole second.)
     std::thread::sleep(Duration::from_millis(100));
     let a = server.res();
     std::thread::sleep(Duration::from_millis(1000));
     let b = server.res();
     let cpu = b.cpu_ms - a.cpu_ms;
     eprintln!("server CPU with 3 stalled flooders: {cpu} ms in 1 s; memory {a:?} → {b:?}");
-    assert!(cpu < 300, "the server spun on connections it cannot serve: {cpu} ms of CPU in 1 s");
+    assert!(cpu < 600, "the server spun on connections it cannot serve: {cpu} ms of CPU in 1 s");
     assert!(
         b.anon_kb < base.anon_kb + 16 * 1024,
         "server heap grew from {} to {} kB",
