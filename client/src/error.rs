@@ -34,8 +34,12 @@ pub enum Error {
     ConnectionLimit,
     /// Client and server speak different protocol versions.
     VersionMismatch,
-    /// The caller's buffer is smaller than the message; the message was
-    /// kept and the next receive returns it again.
+    /// The caller's buffer is smaller than the message. A dispatch message
+    /// is kept: the next receive returns it again. A response is not: the
+    /// call has completed and its answer is discarded (`needed` says how
+    /// big it was) — receive responses of unknown size with
+    /// [`Client::call_in_place`](crate::Client::call_in_place), or into a
+    /// buffer of [`Client::max_message`](crate::Client::max_message) bytes.
     BufferTooSmall {
         /// The message length.
         needed: usize,

@@ -23,17 +23,32 @@
 //!
 //! ## Example
 //!
-//! ```no_run
+//! A complete server and client (in one process here; normally the client
+//! is another process — see `examples/` and the README):
+//!
+//! ```
+//! use coroipc_client::Client;
 //! use coroipc_server::{Server, ServiceBuilder};
 //!
-//! // Service 1: echo every request; count requests per connection.
+//! // Service 1: echo every request on command 0; count requests per connection.
 //! let echo = ServiceBuilder::new(1, |_conn| Ok(0u64)).handler(0, |mut call| {
 //!     *call.state() += 1;
 //!     let payload = call.payload();
 //!     let _ = call.respond(payload);
 //! });
-//! let server = Server::builder().endpoint("@coroipc-echo").service(echo).build()?;
-//! server.run()?; // or: let (handle, thread) = server.spawn()?;
+//! let endpoint = format!("@coroipc-doc-echo-{}", std::process::id()); // or a path
+//! let server = Server::builder().endpoint(&endpoint).service(echo).build()?;
+//! let (handle, thread) = server.spawn()?; // or `server.run()` on this thread
+//!
+//! let client = Client::connect(&endpoint, 1)?;
+//! let mut buf = [0u8; 64];
+//! let n = client.call(0, b"hello", &mut buf)?;
+//! assert_eq!(&buf[..n], b"hello");
+//! assert_eq!(handle.stats().requests, 1);
+//!
+//! handle.shutdown(); // closes every connection, waking its client
+//! thread.join().expect("server thread")?;
+//! assert!(client.call(0, b"again", &mut buf).is_err());
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![forbid(unsafe_code)]

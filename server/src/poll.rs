@@ -3,7 +3,9 @@
 //! The application's loop implements [`Poller`]; the server registers its
 //! file descriptors through it, each with a [`Token`], and the application
 //! calls [`Server::handle_event`](crate::Server::handle_event) with the
-//! token of every descriptor that became readable. Interest is always
+//! token of every descriptor that became readable, and
+//! [`Server::tick`](crate::Server::tick) every few tens of milliseconds
+//! (timeouts, retried disconnect callbacks). Interest is always
 //! "readable", level-triggered: it fits `poll(2)`, `epoll`, `mio` and the
 //! like. [`EpollPoller`] is the built-in implementation behind
 //! [`Server::run`](crate::Server::run).

@@ -288,6 +288,7 @@ impl std::fmt::Debug for ServerHandle {
 impl ServerHandle {
     /// Shuts the whole server down: every connection is closed (waking its
     /// client), disconnect callbacks run, and [`Server::run`] returns.
+    #[doc(alias = "coroipcs_ipc_exit")]
     pub fn shutdown(&self) {
         self.shared.shutdown.store(true, Ordering::Release);
         self.shared.waker.signal();
@@ -295,6 +296,7 @@ impl ServerHandle {
 
     /// Shuts one service down: its connections are closed and new clients
     /// of it are refused with "no such service".
+    #[doc(alias = "coroipcs_ipc_service_exit")]
     pub fn shutdown_service(&self, service: u16) {
         lock(&self.shared.control).shutdown_services.push(service);
         self.shared.waker.signal();
@@ -360,7 +362,14 @@ impl Server {
         self.stopped
     }
 
-    /// Handles one ready token reported by the event loop.
+    /// Handles one ready token reported by the event loop: accepts on
+    /// [`LISTENER_TOKEN`], serves control requests on [`WAKER_TOKEN`],
+    /// otherwise reads a handshake or serves a connection's requests.
+    ///
+    /// A foreign loop needs only this, called for every ready token, and
+    /// [`tick`](Self::tick) every few tens of milliseconds: before it
+    /// returns, every connection it served is armed (its next request
+    /// makes its eventfd readable), so the loop may sleep at once.
     pub fn handle_event(&mut self, token: Token, poller: &mut dyn Poller) {
         match token {
             LISTENER_TOKEN => self.accept_all(poller),

@@ -190,7 +190,8 @@ impl Responder {
         &self.connection
     }
 
-    /// Answers with `payload`.
+    /// Answers with `payload` (coroipc's `coroipcs_response_send`, from
+    /// any thread).
     ///
     /// # Errors
     ///

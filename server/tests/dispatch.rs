@@ -205,3 +205,16 @@ fn a_connection_can_pause_its_own_requests() {
     assert!(start.elapsed() >= Duration::from_millis(100), "served only after the resume");
     assert_eq!(client.request_flow_control(), FlowState::Off);
 }
+
+#[test]
+fn the_dispatch_fd_wakes_a_poller_when_the_server_closes_the_connection() {
+    let mut server = start_server("fdclose", &[]);
+    let (client, id) = connect_echo(&server.ep);
+    let mut buf = [0u8; 16];
+    assert!(matches!(client.try_recv_dispatch(&mut buf), Err(Error::TryAgain)), "arms the fd");
+    assert!(!fd_readable(dispatch_fd(&client), Duration::from_millis(30)));
+    server.proc.command(&format!("disconnect {id}"), "OK");
+    assert!(fd_readable(dispatch_fd(&client), T), "a loop polling only the dispatch fd learns of the close");
+    let r = client.try_recv_dispatch(&mut buf);
+    assert!(is_lost(&r), "{r:?}");
+}

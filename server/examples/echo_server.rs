@@ -1,0 +1,52 @@
+//! An echo service: every request on command 0 is answered with itself.
+//!
+//! ```sh
+//! cargo run -p coroipc-server --example echo_server            # listens on @coroipc-echo
+//! cargo run -p coroipc-client --example echo_client -- hello   # in another terminal
+//! ```
+//!
+//! An optional argument names another endpoint: `@name` (a Linux abstract
+//! socket) or a filesystem path. Stop it with Ctrl-C.
+
+use coroipc_server::{Disconnect, Server, ServiceBuilder};
+
+/// The echo service's id (clients connect to it by number).
+const ECHO_SERVICE: u16 = 1;
+/// The echo command.
+const CMD_ECHO: u16 = 0;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let endpoint = std::env::args().nth(1).unwrap_or_else(|| "@coroipc-echo".to_string());
+
+    // Per-connection state: how many requests this client made.
+    let echo = ServiceBuilder::new(ECHO_SERVICE, |conn| {
+        let peer = conn.credentials();
+        println!("client {} connected (uid {}, pid {:?})", conn.id(), peer.uid, peer.pid);
+        Ok(0u64)
+    })
+    .on_disconnect(|conn, requests: &mut u64| {
+        println!("client {} left after {requests} requests", conn.id());
+        Disconnect::Done
+    })
+    .handler(CMD_ECHO, |mut call| {
+        *call.state() += 1;
+        let payload = call.payload();
+        let _ = call.respond(payload);
+    });
+
+    let server = Server::builder()
+        .endpoint(&endpoint)
+        .service(echo)
+        // Accept only clients running as our own user.
+        .auth(|peer, _service| {
+            if peer.uid == rustix::process::getuid().as_raw() {
+                Ok(())
+            } else {
+                Err(coroipc_server::Refusal::AccessDenied)
+            }
+        })
+        .build()?;
+    println!("echo service {ECHO_SERVICE} listening on {endpoint}");
+    server.run()?;
+    Ok(())
+}
