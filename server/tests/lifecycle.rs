@@ -238,3 +238,25 @@ fn the_server_survives_a_client_killed_mid_stream() {
     );
     echo(&client, b"still serving");
 }
+
+#[test]
+fn building_a_server_reports_typed_errors() {
+    use coroipc_server::{Limits, Server, ServerBuildError, ServiceBuilder};
+    let svc = |id| ServiceBuilder::new(id, |_| Ok(()));
+    let r = Server::builder().service(svc(1)).build();
+    assert!(matches!(r, Err(ServerBuildError::NoEndpoint)), "{r:?}");
+    let r = Server::builder().endpoint("").build();
+    assert!(matches!(r, Err(ServerBuildError::BadEndpoint(_))), "{r:?}");
+    let r = Server::builder().endpoint(&endpoint("dup")).service(svc(7)).service(svc(7)).build();
+    assert!(matches!(r, Err(ServerBuildError::DuplicateService(7))), "{r:?}");
+    let limits = Limits { max_message_bytes: 64, ..Limits::default() };
+    let r = Server::builder().endpoint(&endpoint("limits")).limits(limits).build();
+    assert!(matches!(r, Err(ServerBuildError::BadLimits(_))), "{r:?}");
+    let limits = Limits { dispatch_low_percent: 80, dispatch_high_percent: 50, ..Limits::default() };
+    let r = Server::builder().endpoint(&endpoint("wm")).limits(limits).build();
+    assert!(matches!(r, Err(ServerBuildError::BadLimits(_))), "{r:?}");
+    // The endpoint is taken: a second server cannot bind it.
+    let server = start_server("taken", &[]);
+    let r = Server::builder().endpoint(&server.ep).build();
+    assert!(matches!(r, Err(ServerBuildError::Io(_))), "{r:?}");
+}

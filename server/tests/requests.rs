@@ -267,3 +267,17 @@ fn threads_sharing_one_client_get_their_own_answers() {
         w.join().expect("worker");
     }
 }
+
+#[test]
+fn a_oneway_request_runs_its_handler_and_gets_no_response() {
+    let mut server = start_server("oneway", &[]);
+    let (client, id) = connect_echo(&server.ep);
+    client.send_oneway(CMD_COUNT, &[], Some(T)).expect("oneway");
+    client.send_oneway(CMD_UNKNOWN, &[], Some(T)).expect("oneway to nothing: no answer either");
+    let mut buf = [0u8; 8];
+    client.call(CMD_COUNT, b"", &mut buf).expect("count");
+    assert_eq!(u64::from_le_bytes(buf), 2, "the oneway request ran its handler");
+    assert_eq!(client.in_flight(), 0);
+    let s = stats_fields(&server.conn_stats(id));
+    assert_eq!((s["requests"], s["responses"]), (3, 1), "only the call was answered");
+}
