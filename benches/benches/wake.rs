@@ -12,7 +12,8 @@
 //! Two modes:
 //! - default: criterion, one group `wake_rtt`, `time` per round trip
 //!   (`iter_custom`, so the timing is the parent's wall clock over `n`
-//!   round trips);
+//!   round trips); `COROIPC_WAKE_PIN=same|split` pins the two processes
+//!   to one CPU or to two (unpinned, the sleeping scenarios are bimodal);
 //! - `COROIPC_WAKE_REPORT=<rounds>`: instead of criterion, times every
 //!   round trip (hdrhistogram) and prints median / p99 per scenario, with
 //!   the two processes unpinned, pinned to the same CPU and pinned to
@@ -47,6 +48,9 @@ const CHILD_ENV: &str = "COROIPC_WAKE_CHILD";
 const ENDPOINT_ENV: &str = "COROIPC_WAKE_ENDPOINT";
 /// The CPU the child pins itself to, if set.
 const CPU_ENV: &str = "COROIPC_WAKE_CPU";
+/// Criterion mode: `none` (default), `same` (both processes on CPU 0) or
+/// `split` (parent on CPU 0, child on CPU 1).
+const PIN_ENV: &str = "COROIPC_WAKE_PIN";
 /// Report mode: number of rounds.
 const REPORT_ENV: &str = "COROIPC_WAKE_REPORT";
 
@@ -483,10 +487,25 @@ fn unpin() {
 // ---------------------------------------------------------------------------
 
 fn criterion_benches(c: &mut Criterion) {
+    // Unpinned, the scheduler's placement (one vCPU or two) decides the
+    // sleeping scenarios' figures and flips between runs; pin for ratios.
+    let pinning = std::env::var(PIN_ENV).unwrap_or_default();
+    let child_cpu = match pinning.as_str() {
+        "" | "none" => None,
+        "same" => Some(0),
+        "split" => Some(1),
+        other => panic!("{PIN_ENV}={other}: expected none, same or split"),
+    };
+    if child_cpu.is_some() {
+        pin(0);
+    }
     let mut g = c.benchmark_group("wake_rtt");
     g.throughput(Throughput::Elements(1));
     for scenario in Scenario::ALL {
-        let mut peer = Peer::spawn(scenario, None);
+        if child_cpu == Some(0) && scenario.spins_forever() {
+            continue;
+        }
+        let mut peer = Peer::spawn(scenario, child_cpu);
         g.bench_function(scenario.name(), |b| {
             b.iter_custom(|n| {
                 let start = Instant::now();
