@@ -237,7 +237,7 @@ fn a_timed_out_call_does_not_take_a_later_calls_answer() {
     let start = Instant::now();
     let r = client.call_timeout(CMD_DEFER, &[IoSlice::new(&req)], &mut buf, Some(Duration::from_millis(50)));
     assert!(matches!(r, Err(Error::Timeout)), "{r:?}");
-    assert!(start.elapsed() < Duration::from_millis(250), "timed out on time: {:?}", start.elapsed());
+    assert!(start.elapsed() < Duration::from_secs(1), "timed out on time: {:?}", start.elapsed());
     // The stale answer arrives while this call waits; it must be skipped.
     let mut req = 400u32.to_le_bytes().to_vec();
     req.extend_from_slice(b"fresh");
