@@ -87,35 +87,39 @@ impl ClientBuilder {
     /// the server's answer is malformed.
     #[doc(alias = "coroipcc_service_connect")]
     pub fn connect(self) -> Result<Client> {
+        let (inner, dispatch_fd, socket_fd) = self.open()?;
+        Ok(Client { inner: Mutex::new(inner), dispatch_fd, socket_fd })
+    }
+
+    /// Connects and returns the protocol state with duplicates of the
+    /// dispatch fd and the socket (to sleep on without the lock).
+    pub(crate) fn open(self) -> Result<(Inner, OwnedFd, OwnedFd)> {
         let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
         let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
         let mut channel = ClientChannel::connect(&endpoint, &hello, self.timeout)?;
         channel.set_wait_policy(self.policy);
         let dispatch_fd = channel.dispatch_fd().try_clone_to_owned().map_err(Error::Io)?;
         let socket_fd = channel.socket_fd().try_clone_to_owned().map_err(Error::Io)?;
-        Ok(Client {
-            inner: Mutex::new(Inner {
-                channel,
-                next_seq: 1,
-                outstanding: HashSet::new(),
-                arrived: HashMap::new(),
-                max_in_flight: self.max_in_flight,
-            }),
-            dispatch_fd,
-            socket_fd,
-        })
+        let inner = Inner {
+            channel,
+            next_seq: 1,
+            outstanding: HashSet::new(),
+            arrived: HashMap::new(),
+            max_in_flight: self.max_in_flight,
+        };
+        Ok((inner, dispatch_fd, socket_fd))
     }
 }
 
-struct Inner {
-    channel: ClientChannel,
+pub(crate) struct Inner {
+    pub(crate) channel: ClientChannel,
     next_seq: u64,
     /// Pipelined requests whose response has not been collected.
-    outstanding: HashSet<u64>,
+    pub(crate) outstanding: HashSet<u64>,
     /// Responses that arrived for outstanding tickets before they were
     /// asked for: (status, payload).
     arrived: HashMap<u64, (Status, Vec<u8>)>,
-    max_in_flight: usize,
+    pub(crate) max_in_flight: usize,
 }
 
 /// A connection to one service of a coroipc server.
@@ -201,7 +205,7 @@ impl std::fmt::Debug for DispatchGuard<'_> {
 }
 
 impl Inner {
-    fn send(
+    pub(crate) fn send(
         &mut self,
         command: u16,
         flags: u32,
@@ -221,35 +225,82 @@ impl Inner {
         Ok(seq)
     }
 
-    /// Waits for the response to `seq` and leaves it peeked (readable
-    /// through `current_response`). Responses for other outstanding tickets
-    /// are stashed; late responses of abandoned calls are dropped.
-    fn await_response(&mut self, seq: u64, deadline: Option<Instant>) -> Result<(Status, usize)> {
+    /// Looks at the responses that have arrived, without waiting, for the
+    /// one wanted: the response to `want`, or (`None`) to any outstanding
+    /// pipelined request. That one is left peeked (readable through
+    /// `current_response`) and returned as (seq, status, length);
+    /// responses for other outstanding tickets are stashed; late responses
+    /// of abandoned calls are dropped. The one place responses are matched
+    /// to requests — every blocking and async wait goes through it.
+    pub(crate) fn next_response(&mut self, want: Option<u64>) -> Result<Option<(u64, Status, usize)>> {
         loop {
-            let header = match self.channel.peek_response()? {
-                Some(msg) => match MessageHeader::decode(msg) {
-                    Some(h) => (h, msg.len() - HEADER_LEN),
-                    None => {
-                        self.channel.release_response();
-                        return Err(Error::Protocol("response shorter than its header".into()));
-                    }
-                },
-                None => {
-                    self.channel.wait_response(deadline)?;
-                    continue;
-                }
+            let Some(msg) = self.channel.peek_response()? else {
+                return Ok(None);
             };
-            let (h, len) = header;
-            if h.seq == seq {
-                return Ok((Status::from_code(h.id), len));
+            let Some(h) = MessageHeader::decode(msg) else {
+                self.channel.release_response();
+                return Err(Error::Protocol("response shorter than its header".into()));
+            };
+            let len = msg.len() - HEADER_LEN;
+            let outstanding = self.outstanding.contains(&h.seq);
+            if want == Some(h.seq) || (want.is_none() && outstanding) {
+                return Ok(Some((h.seq, Status::from_code(h.id), len)));
             }
-            if self.outstanding.contains(&h.seq) {
-                let payload =
-                    self.channel.current_response().map(|m| m[HEADER_LEN..].to_vec()).unwrap_or_default();
+            if outstanding {
+                let payload = msg[HEADER_LEN..].to_vec();
                 self.arrived.insert(h.seq, (Status::from_code(h.id), payload));
             }
             // Otherwise: the late answer to a call that timed out.
             self.channel.release_response();
+        }
+    }
+
+    /// The response to `seq` if it arrived (see [`next_response`](Self::next_response)).
+    pub(crate) fn poll_response(&mut self, seq: u64) -> Result<Option<(Status, usize)>> {
+        Ok(self.next_response(Some(seq))?.map(|(_, status, len)| (status, len)))
+    }
+
+    /// Peeks the next dispatch message and decodes its header; the message
+    /// stays peeked (readable through `current_dispatch`) until released.
+    /// `TryAgain` if there is none — the dispatch fd is armed then. Shared
+    /// by every dispatch receive, blocking or async.
+    pub(crate) fn peek_dispatch(&mut self) -> Result<DispatchInfo> {
+        let Some(msg) = self.channel.peek_dispatch()? else {
+            return Err(Error::TryAgain);
+        };
+        let Some(h) = MessageHeader::decode(msg) else {
+            self.channel.release_dispatch();
+            return Err(Error::Protocol("dispatch message shorter than its header".into()));
+        };
+        Ok(DispatchInfo { id: h.id, seq: h.seq, len: msg.len() - HEADER_LEN })
+    }
+
+    /// Waits for the response to `seq` (see [`poll_response`](Self::poll_response)).
+    fn await_response(&mut self, seq: u64, deadline: Option<Instant>) -> Result<(Status, usize)> {
+        loop {
+            if let Some(r) = self.poll_response(seq)? {
+                return Ok(r);
+            }
+            self.channel.wait_response(deadline)?;
+        }
+    }
+
+    /// Takes the stashed or arrived response of outstanding `seq` as an
+    /// owned message, without waiting.
+    pub(crate) fn try_take(&mut self, seq: u64) -> Result<Option<(Status, Vec<u8>)>> {
+        if let Some(r) = self.arrived.remove(&seq) {
+            self.outstanding.remove(&seq);
+            return Ok(Some(r));
+        }
+        match self.poll_response(seq)? {
+            Some((status, _)) => {
+                let payload =
+                    self.channel.current_response().map(|m| m[HEADER_LEN..].to_vec()).unwrap_or_default();
+                self.channel.release_response();
+                self.outstanding.remove(&seq);
+                Ok(Some((status, payload)))
+            }
+            None => Ok(None),
         }
     }
 
@@ -469,20 +520,12 @@ impl Client {
             return Err(Error::Invalid);
         }
         loop {
-            let Some(msg) = inner.channel.peek_response()? else {
-                inner.channel.wait_response(deadline)?;
-                continue;
-            };
-            let Some(h) = MessageHeader::decode(msg) else {
-                inner.channel.release_response();
-                return Err(Error::Protocol("response shorter than its header".into()));
-            };
-            let len = msg.len() - HEADER_LEN;
-            if inner.outstanding.remove(&h.seq) {
-                let result = inner.copy_response(Status::from_code(h.id), len, response);
-                return Ok((Ticket(h.seq), result));
+            if let Some((seq, status, len)) = inner.next_response(None)? {
+                inner.outstanding.remove(&seq);
+                let result = inner.copy_response(status, len, response);
+                return Ok((Ticket(seq), result));
             }
-            inner.channel.release_response();
+            inner.channel.wait_response(deadline)?;
         }
     }
 
@@ -502,20 +545,15 @@ impl Client {
     #[doc(alias = "coroipcc_dispatch_recv")]
     pub fn try_recv_dispatch(&self, buf: &mut [u8]) -> Result<DispatchInfo> {
         let mut inner = self.lock();
-        let Some(msg) = inner.channel.peek_dispatch()? else {
-            return Err(Error::TryAgain);
-        };
-        let Some(h) = MessageHeader::decode(msg) else {
-            inner.channel.release_dispatch();
-            return Err(Error::Protocol("dispatch message shorter than its header".into()));
-        };
-        let len = msg.len() - HEADER_LEN;
-        if len > buf.len() {
-            return Err(Error::BufferTooSmall { needed: len });
+        let info = inner.peek_dispatch()?;
+        if info.len > buf.len() {
+            return Err(Error::BufferTooSmall { needed: info.len });
         }
-        buf[..len].copy_from_slice(&msg[HEADER_LEN..]);
+        if let Some(msg) = inner.channel.current_dispatch() {
+            buf[..info.len].copy_from_slice(&msg[HEADER_LEN..]);
+        }
         inner.channel.release_dispatch();
-        Ok(DispatchInfo { id: h.id, seq: h.seq, len })
+        Ok(info)
     }
 
     /// Receives one dispatch message, waiting up to `timeout` (`None`:
@@ -544,14 +582,7 @@ impl Client {
     /// As [`try_recv_dispatch`](Self::try_recv_dispatch).
     pub fn try_recv_dispatch_in_place(&self) -> Result<DispatchGuard<'_>> {
         let mut inner = self.lock();
-        let Some(msg) = inner.channel.peek_dispatch()? else {
-            return Err(Error::TryAgain);
-        };
-        let Some(h) = MessageHeader::decode(msg) else {
-            inner.channel.release_dispatch();
-            return Err(Error::Protocol("dispatch message shorter than its header".into()));
-        };
-        let info = DispatchInfo { id: h.id, seq: h.seq, len: msg.len() - HEADER_LEN };
+        let info = inner.peek_dispatch()?;
         Ok(DispatchGuard { inner, info })
     }
 

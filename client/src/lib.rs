@@ -31,9 +31,13 @@
 
 mod client;
 mod error;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use client::{Client, ClientBuilder, DispatchGuard, DispatchInfo, ResponseGuard, Sizes, Ticket};
 pub use coroipc_ring::FlowState;
 pub use coroipc_transport::message::Status;
 pub use coroipc_transport::waiter::{SleepMode, WaitPolicy};
 pub use error::{Error, Result};
+#[cfg(feature = "tokio")]
+pub use tokio::{AsyncClient, Dispatch, DispatchStream};
