@@ -16,8 +16,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use coroipc_ring::{
-    init, required_size, Consumer, HeapRegion, MpscProducer, PopError, Producer, PushError,
-    Region, RingConfig,
+    init, required_size, Consumer, HeapRegion, MpscProducer, PopError, Producer, PushError, Region,
+    RingConfig,
 };
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
