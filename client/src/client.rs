@@ -13,7 +13,7 @@ use coroipc_transport::handshake::{ClientHello, RingSizes};
 use coroipc_transport::message::{MessageHeader, Status, FLAG_ONEWAY, HEADER_LEN};
 use coroipc_transport::socket::{Endpoint, PeerCred};
 use coroipc_transport::waiter::WaitPolicy;
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
 
 use crate::error::{Error, Result};
 
@@ -88,7 +88,20 @@ impl ClientBuilder {
     #[doc(alias = "coroipcc_service_connect")]
     pub fn connect(self) -> Result<Client> {
         let (inner, dispatch_fd, socket_fd) = self.open()?;
-        Ok(Client { inner: Mutex::new(inner), dispatch_fd, socket_fd })
+        // What the application polls: readable when a dispatch message
+        // arrived after a receive returned `TryAgain` (the armed eventfd),
+        // and when the server went away, even killed (its socket hangs up).
+        let poll_fd = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| Error::Io(e.into()))?;
+        for (fd, tag) in [(&dispatch_fd, 0u64), (&socket_fd, 1)] {
+            epoll::add(
+                &poll_fd,
+                fd,
+                epoll::EventData::new_u64(tag),
+                epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+            )
+            .map_err(|e| Error::Io(e.into()))?;
+        }
+        Ok(Client { inner: Mutex::new(inner), poll_fd, _dispatch_fd: dispatch_fd, _socket_fd: socket_fd })
     }
 
     /// Connects and returns the protocol state with duplicates of the
@@ -131,15 +144,17 @@ pub(crate) struct Inner {
 #[doc(alias = "coroipcc_service_disconnect")]
 pub struct Client {
     inner: Mutex<Inner>,
-    /// Duplicates of the dispatch eventfd and the socket, to sleep on
-    /// without holding the lock.
-    dispatch_fd: OwnedFd,
-    socket_fd: OwnedFd,
+    /// An epoll fd watching duplicates of the dispatch eventfd and the
+    /// socket: the fd handed to the application, and what blocking
+    /// receives sleep on without holding the lock.
+    poll_fd: OwnedFd,
+    _dispatch_fd: OwnedFd,
+    _socket_fd: OwnedFd,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("dispatch_fd", &self.dispatch_fd).finish_non_exhaustive()
+        f.debug_struct("Client").field("poll_fd", &self.poll_fd).finish_non_exhaustive()
     }
 }
 
@@ -264,8 +279,8 @@ impl Inner {
     /// stays peeked (readable through `current_dispatch`) until released.
     /// `TryAgain` if there is none — the dispatch fd is armed then. Shared
     /// by every dispatch receive, blocking or async.
-    pub(crate) fn peek_dispatch(&mut self) -> Result<DispatchInfo> {
-        let Some(msg) = self.channel.peek_dispatch()? else {
+    pub(crate) fn peek_dispatch(&mut self, spin: Duration) -> Result<DispatchInfo> {
+        let Some(msg) = self.channel.peek_dispatch_spin(spin)? else {
             return Err(Error::TryAgain);
         };
         let Some(h) = MessageHeader::decode(msg) else {
@@ -544,8 +559,14 @@ impl Client {
     /// `TryAgain` if none is waiting, `BufferTooSmall` (kept), `ConnectionLost`.
     #[doc(alias = "coroipcc_dispatch_recv")]
     pub fn try_recv_dispatch(&self, buf: &mut [u8]) -> Result<DispatchInfo> {
+        self.recv_dispatch_spin(buf, Duration::ZERO)
+    }
+
+    /// [`try_recv_dispatch`](Self::try_recv_dispatch) after spinning up to
+    /// `spin` for a message.
+    fn recv_dispatch_spin(&self, buf: &mut [u8], spin: Duration) -> Result<DispatchInfo> {
         let mut inner = self.lock();
-        let info = inner.peek_dispatch()?;
+        let info = inner.peek_dispatch(spin)?;
         if info.len > buf.len() {
             return Err(Error::BufferTooSmall { needed: info.len });
         }
@@ -566,8 +587,9 @@ impl Client {
     /// instead of `TryAgain`.
     pub fn recv_dispatch(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<DispatchInfo> {
         let deadline = deadline(timeout);
+        let spin = self.spin_budget();
         loop {
-            match self.try_recv_dispatch(buf) {
+            match self.recv_dispatch_spin(buf, spin) {
                 Err(Error::TryAgain) => {}
                 other => return other,
             }
@@ -581,9 +603,18 @@ impl Client {
     ///
     /// As [`try_recv_dispatch`](Self::try_recv_dispatch).
     pub fn try_recv_dispatch_in_place(&self) -> Result<DispatchGuard<'_>> {
+        self.recv_dispatch_in_place_spin(Duration::ZERO)
+    }
+
+    fn recv_dispatch_in_place_spin(&self, spin: Duration) -> Result<DispatchGuard<'_>> {
         let mut inner = self.lock();
-        let info = inner.peek_dispatch()?;
+        let info = inner.peek_dispatch(spin)?;
         Ok(DispatchGuard { inner, info })
+    }
+
+    /// The spin budget of the first look of a blocking receive.
+    fn spin_budget(&self) -> Duration {
+        self.lock().channel.wait_policy().spin.min(Duration::from_millis(1))
     }
 
     /// Receives one dispatch message in place, waiting up to `timeout`.
@@ -593,8 +624,9 @@ impl Client {
     /// As [`recv_dispatch`](Self::recv_dispatch).
     pub fn recv_dispatch_in_place(&self, timeout: Option<Duration>) -> Result<DispatchGuard<'_>> {
         let deadline = deadline(timeout);
+        let spin = self.spin_budget();
         loop {
-            match self.try_recv_dispatch_in_place() {
+            match self.recv_dispatch_in_place_spin(spin) {
                 Err(Error::TryAgain) => {}
                 other => return other,
             }
@@ -615,10 +647,7 @@ impl Client {
             }
             None => None,
         };
-        let mut fds = [
-            PollFd::new(&self.dispatch_fd, PollFlags::IN),
-            PollFd::new(&self.socket_fd, PollFlags::IN | PollFlags::RDHUP),
-        ];
+        let mut fds = [PollFd::new(&self.poll_fd, PollFlags::IN)];
         let ts = left.map(|d| Timespec::try_from(d).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 }));
         match poll(&mut fds, ts.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
@@ -664,10 +693,13 @@ fn copy_stashed(status: Status, payload: &[u8], buf: &mut [u8]) -> Result<usize>
 impl AsFd for Client {
     /// The dispatch fd: poll it for readability, then call
     /// [`try_recv_dispatch`](Client::try_recv_dispatch) until `TryAgain`
-    /// (coroipc's `coroipcc_fd_get`).
+    /// (coroipc's `coroipcc_fd_get`). It also becomes readable when the
+    /// server goes away — closed or killed — and the next receive then
+    /// returns `ConnectionLost`. (An epoll fd over the dispatch eventfd and
+    /// the connection socket; level-triggered.)
     #[doc(alias = "coroipcc_fd_get")]
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.dispatch_fd.as_fd()
+        self.poll_fd.as_fd()
     }
 }
 

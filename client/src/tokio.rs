@@ -219,7 +219,7 @@ impl AsyncClient {
     /// fd when there is none).
     fn try_dispatch(&self) -> Result<Dispatch> {
         let mut inner = self.lock();
-        let info = inner.peek_dispatch()?;
+        let info = inner.peek_dispatch(Duration::ZERO)?;
         let payload =
             inner.channel.current_dispatch().map(|m| m[coroipc_transport::message::HEADER_LEN..].to_vec());
         inner.channel.release_dispatch();

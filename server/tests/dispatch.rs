@@ -207,6 +207,21 @@ fn a_connection_can_pause_its_own_requests() {
 }
 
 #[test]
+fn the_dispatch_fd_wakes_a_poller_when_the_server_is_killed() {
+    let mut server = start_server("fdkill", &[]);
+    let (client, _id) = connect_echo(&server.ep);
+    let mut buf = [0u8; 16];
+    assert!(matches!(client.try_recv_dispatch(&mut buf), Err(Error::TryAgain)), "arms the fd");
+    assert!(!fd_readable(dispatch_fd(&client), Duration::from_millis(30)));
+    server.proc.kill();
+    let t0 = std::time::Instant::now();
+    assert!(fd_readable(dispatch_fd(&client), T), "a loop polling only the dispatch fd learns of the death");
+    assert!(t0.elapsed() < Duration::from_millis(100), "within 100 ms: {:?}", t0.elapsed());
+    let r = client.try_recv_dispatch(&mut buf);
+    assert!(is_lost(&r), "{r:?}");
+}
+
+#[test]
 fn the_dispatch_fd_wakes_a_poller_when_the_server_closes_the_connection() {
     let mut server = start_server("fdclose", &[]);
     let (client, id) = connect_echo(&server.ep);

@@ -50,7 +50,7 @@ use crate::handshake::{
 };
 use crate::segment::{Segment, SegmentOpenError};
 use crate::socket::{Endpoint, PeerCred, SocketRecvError, Stream};
-use crate::waiter::{wait_until, Liveness, WaitError, WaitPolicy};
+use crate::waiter::{spin_until, wait_until, Liveness, WaitError, WaitPolicy};
 
 /// Number of descriptors in an accepting reply: memfd + three eventfds.
 const REPLY_FDS: usize = 4;
@@ -1028,6 +1028,24 @@ impl ClientChannel {
         if let Ok(g) = self.responses.try_peek() {
             let _ = g.release();
         }
+    }
+
+    /// Like [`peek_dispatch`](Self::peek_dispatch), but first spins up to
+    /// `spin` for a message (without arming the dispatch fd, so the server
+    /// pays no eventfd write while we spin). Blocking receives use it: a
+    /// stream of dispatch messages is then drained without a kernel wake
+    /// per message.
+    ///
+    /// # Errors
+    ///
+    /// As [`peek_dispatch`](Self::peek_dispatch).
+    pub fn peek_dispatch_spin(&mut self, spin: Duration) -> Result<Option<&[u8]>, ChannelError> {
+        if !spin.is_zero() {
+            self.disarm_dispatch();
+            let dispatch = &self.dispatch;
+            spin_until(&mut || dispatch.is_ready(), spin);
+        }
+        self.peek_dispatch()
     }
 
     /// The next dispatch message in place; `None` if there is none, in
