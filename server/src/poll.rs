@@ -64,6 +64,17 @@ impl EpollPoller {
         Ok(Self { epoll: epoll::create(epoll::CreateFlags::CLOEXEC)?, events: Vec::with_capacity(256) })
     }
 
+    /// The epoll instance, to move to another thread (`Event` buffers are
+    /// not `Send`); rebuild the poller there with [`from_fd`](Self::from_fd).
+    pub(crate) fn into_fd(self) -> OwnedFd {
+        self.epoll
+    }
+
+    /// A poller over an existing epoll instance.
+    pub(crate) fn from_fd(epoll: OwnedFd) -> Self {
+        Self { epoll, events: Vec::with_capacity(256) }
+    }
+
     /// Waits up to `timeout` (`None`: forever) and appends the tokens of
     /// ready descriptors to `ready`.
     ///

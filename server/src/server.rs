@@ -845,9 +845,14 @@ impl Server {
     ///
     /// An error of the epoll instance itself.
     pub fn run(mut self) -> io::Result<()> {
-        self.builtin_loop = true;
         let mut poller = EpollPoller::new()?;
         self.register(&mut poller)?;
+        self.run_with(poller)
+    }
+
+    /// The built-in loop on an epoll instance the server is registered with.
+    fn run_with(mut self, mut poller: EpollPoller) -> io::Result<()> {
+        self.builtin_loop = true;
         let mut ready = Vec::with_capacity(64);
         let mut last_tick = Instant::now();
         let mut last_epoll = Instant::now();
@@ -883,9 +888,16 @@ impl Server {
     /// # Errors
     ///
     /// The thread spawn error.
-    pub fn spawn(self) -> io::Result<(ServerHandle, std::thread::JoinHandle<io::Result<()>>)> {
+    pub fn spawn(mut self) -> io::Result<(ServerHandle, std::thread::JoinHandle<io::Result<()>>)> {
         let handle = self.handle();
-        let join = std::thread::Builder::new().name("coroipc-server".into()).spawn(move || self.run())?;
+        // Set the loop up here, so every descriptor it needs exists (and a
+        // failure is reported) before `spawn` returns.
+        let mut poller = EpollPoller::new()?;
+        self.register(&mut poller)?;
+        let epoll = poller.into_fd();
+        let join = std::thread::Builder::new()
+            .name("coroipc-server".into())
+            .spawn(move || self.run_with(EpollPoller::from_fd(epoll)))?;
         Ok((handle, join))
     }
 }
