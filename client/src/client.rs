@@ -302,6 +302,7 @@ impl Inner {
 
     /// Takes the stashed or arrived response of outstanding `seq` as an
     /// owned message, without waiting.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn try_take(&mut self, seq: u64) -> Result<Option<(Status, Vec<u8>)>> {
         if let Some(r) = self.arrived.remove(&seq) {
             self.outstanding.remove(&seq);
