@@ -90,6 +90,7 @@ impl From<ChannelError> for Error {
             ChannelError::TooBig { .. } => Self::TooBig,
             ChannelError::BufferTooSmall { needed } => Self::BufferTooSmall { needed },
             ChannelError::PeerGone => Self::ConnectionLost,
+            ChannelError::ShuttingDown => Self::ShuttingDown,
             ChannelError::Corrupt(c) => Self::Protocol(format!("shared memory corrupt: {c}")),
         }
     }

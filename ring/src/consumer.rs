@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::error::{Corruption, PopError, RingAttachError};
 use crate::flow::{FlowChange, FlowState};
-use crate::header::{align8, RingRef, RECORD_HEADER};
+use crate::header::{align8, positions_ok, RingRef, RECORD_HEADER};
 use crate::record::{Kind, RecordHeader};
 use crate::region::Region;
 use crate::sync::{fence, Ordering};
@@ -53,7 +53,7 @@ impl Consumer {
         let ring = RingRef::attach(region, offset, len)?;
         let head = ring.header().head.0.load(Ordering::Acquire);
         let tail = ring.header().tail.0.load(Ordering::Acquire);
-        if tail.wrapping_sub(head) > ring.layout.capacity || head % 8 != 0 || tail % 8 != 0 {
+        if !positions_ok(head, tail, ring.layout.capacity) {
             return Err(RingAttachError::BadPositions { head, tail });
         }
         Ok(Self { ring, head, tail_cache: tail, unreported_clear: false })
@@ -75,7 +75,7 @@ impl Consumer {
         // SYNC TAIL: pairs with the producer's Release store; makes the
         // published records visible.
         let tail = self.ring.header().tail.0.load(Ordering::Acquire);
-        if tail.wrapping_sub(self.head) > self.ring.layout.capacity || tail % 8 != 0 {
+        if !positions_ok(self.head, tail, self.ring.layout.capacity) {
             return Err(Corruption::Tail { head: self.head, tail });
         }
         self.tail_cache = tail;

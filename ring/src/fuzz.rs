@@ -269,7 +269,14 @@ pub fn ring_hostile(data: &[u8]) {
             1 => {
                 // The peer writes a word at an 8-aligned offset.
                 let at = (input.u16() as usize * 8) % size;
-                let v = u64::from(input.u16()) << (input.byte() % 48);
+                // Small shifted values hit plausible-looking positions and
+                // lengths; raw 64-bit words hit the top of the range (where a
+                // wrapping check once let an overflowing head through).
+                let v = if input.byte() & 1 == 0 {
+                    u64::from(input.u16()) << (input.byte() % 48)
+                } else {
+                    u64::from_le_bytes(std::array::from_fn(|_| input.byte()))
+                };
                 for (i, b) in v.to_le_bytes().into_iter().enumerate() {
                     scribble(at + i, b);
                 }

@@ -37,6 +37,20 @@ pub const MIN_CAPACITY: u64 = 64;
 pub const MAX_CAPACITY: u64 = 1 << 40;
 /// Size of a record header in bytes.
 pub const RECORD_HEADER: u64 = 8;
+/// Largest valid position (`head`/`tail` byte count). Positions start at 0
+/// and grow by at most a capacity at a time, so a healthy ring needs
+/// centuries to get here; a peer's value beyond it is corruption. Keeping
+/// every position below it (and capacities at most [`MAX_CAPACITY`]) means
+/// no position arithmetic can overflow.
+pub const MAX_POSITION: u64 = 1 << 62;
+
+/// Whether `head`/`tail` are a consistent pair for a ring of `capacity`:
+/// `head <= tail <= head + capacity`, both 8-aligned, both at most
+/// [`MAX_POSITION`].
+#[inline]
+pub(crate) fn positions_ok(head: u64, tail: u64, capacity: u64) -> bool {
+    head <= tail && tail - head <= capacity && tail <= MAX_POSITION && (head | tail) % 8 == 0
+}
 
 /// One 128-byte line: keeps the fields written by different sides apart so
 /// they never share a cache line (adjacent-line prefetch included).
@@ -334,7 +348,7 @@ impl RingRef {
         };
         let head = h.head.0.load(Ordering::Acquire);
         let tail = h.tail.0.load(Ordering::Acquire);
-        if tail.wrapping_sub(head) > capacity || head % 8 != 0 || tail % 8 != 0 {
+        if !positions_ok(head, tail, capacity) {
             return Err(RingAttachError::BadPositions { head, tail });
         }
         // SAFETY: inside the checked span, after the header.

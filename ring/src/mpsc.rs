@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use crate::error::{Corruption, PushError, RingAttachError};
 use crate::flow::{raise_if_high, FlowChange, FlowState};
-use crate::header::{record_size, RingRef, RECORD_HEADER};
+use crate::header::{positions_ok, record_size, RingRef, RECORD_HEADER};
 use crate::record::Kind;
 use crate::region::Region;
 use crate::spsc::{plan, write_headers, Plan};
@@ -73,7 +73,7 @@ impl MpscProducer {
         let ring = RingRef::attach(region, offset, len)?;
         let tail = ring.header().tail.0.load(Ordering::Acquire);
         let head = ring.header().head.0.load(Ordering::Acquire);
-        if tail.wrapping_sub(head) > ring.layout.capacity || head % 8 != 0 || tail % 8 != 0 {
+        if !positions_ok(head, tail, ring.layout.capacity) {
             return Err(RingAttachError::BadPositions { head, tail });
         }
         Ok(Self {
@@ -122,7 +122,7 @@ impl MpscProducer {
             if used > cap || used + plan.advance > cap {
                 // SYNC HEAD: pairs with the consumer's Release store.
                 let fresh = s.ring.header().head.0.load(Ordering::Acquire);
-                if claim.wrapping_sub(fresh) > cap || fresh % 8 != 0 {
+                if !positions_ok(fresh, claim, cap) {
                     // Not within a capacity behind our claim. A healthy head
                     // can still be *ahead* of it if other producers claimed,
                     // published and the consumer caught up meanwhile: start

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use crate::error::{Corruption, PushError, RingAttachError};
 use crate::flow::{raise_if_high, FlowChange, FlowState};
-use crate::header::{record_size, RingRef, RECORD_HEADER};
+use crate::header::{positions_ok, record_size, RingRef, RECORD_HEADER};
 use crate::record::{Kind, RecordHeader};
 use crate::region::Region;
 use crate::sync::{publish_ordering, Ordering};
@@ -55,7 +55,7 @@ pub(crate) fn write_headers(ring: &RingRef, plan: &Plan, kind: Kind, len: u64) {
 /// producer position.
 #[inline]
 pub(crate) fn check_head(ring: &RingRef, head: u64, tail: u64) -> Result<u64, Corruption> {
-    if tail.wrapping_sub(head) > ring.layout.capacity || head % 8 != 0 {
+    if !positions_ok(head, tail, ring.layout.capacity) {
         return Err(Corruption::Head { head, tail });
     }
     Ok(head)
@@ -90,7 +90,7 @@ impl Producer {
         let ring = RingRef::attach(region, offset, len)?;
         let tail = ring.header().tail.0.load(Ordering::Acquire);
         let head = ring.header().head.0.load(Ordering::Acquire);
-        if tail.wrapping_sub(head) > ring.layout.capacity || head % 8 != 0 || tail % 8 != 0 {
+        if !positions_ok(head, tail, ring.layout.capacity) {
             return Err(RingAttachError::BadPositions { head, tail });
         }
         Ok(Self { ring, tail, head_cache: head })

@@ -229,3 +229,36 @@ fn fuzz_harnesses_survive_pseudo_random_inputs() {
         fuzz::ring_hostile(&input);
     }
 }
+
+#[test]
+fn positions_near_the_top_of_u64_are_corruption_not_overflow() {
+    // A head that wraps "just behind" a small tail would pass a wrapping
+    // distance check; every position beyond MAX_POSITION is rejected, so no
+    // arithmetic on it can overflow (found by a hostile-client test: a
+    // debug-build overflow panic in `Producer::can_reserve`).
+    let wrapped = u64::MAX - 7;
+    let r = Ring::new(RingConfig::new(128));
+    let (mut tx, mtx) = (r.producer(), r.mpsc());
+    let _ = tx.try_push(&[0; 8]).unwrap();
+    r.poke_u64(HEAD, wrapped);
+    assert!(tx.can_reserve(8), "a corrupt head counts as 'fits' so that the push reports it");
+    let _ = mtx.can_reserve(8);
+    assert!(matches!(tx.try_push(&[0; 56]), Ok(_) | Err(PushError::Corrupt(_))));
+    let _ = tx.try_push(&[0; 56]);
+    assert!(matches!(tx.try_push(&[0; 56]), Err(PushError::Corrupt(Corruption::Head { .. }))));
+    assert!(matches!(mtx.try_push(&[0; 56]), Err(PushError::Corrupt(Corruption::Head { .. })) | Ok(_)));
+
+    let r = fresh();
+    r.poke_u64(HEAD, wrapped);
+    r.poke_u64(TAIL, 8);
+    assert_eq!(attach_error(&r), RingAttachError::BadPositions { head: wrapped, tail: 8 });
+    let r = fresh();
+    r.poke_u64(HEAD, 1 << 63);
+    r.poke_u64(TAIL, 1 << 63);
+    assert!(matches!(attach_error(&r), RingAttachError::BadPositions { .. }), "beyond MAX_POSITION");
+
+    let r = fresh();
+    let mut rx = r.consumer();
+    r.poke_u64(TAIL, 1 << 63);
+    assert!(matches!(rx.try_peek(), Err(PopError::Corrupt(Corruption::Tail { .. }))));
+}

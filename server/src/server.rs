@@ -463,6 +463,9 @@ impl Server {
             let ids: Vec<_> =
                 self.conns.iter().filter(|(_, e)| e.service.id() == service).map(|(id, _)| *id).collect();
             for id in ids {
+                if let Some(e) = self.conns.get(&id) {
+                    e.conn.inner.channel.close_shutting_down();
+                }
                 self.close_connection(id, poller, "service shut down");
             }
         }
@@ -777,6 +780,9 @@ impl Server {
     fn stop(&mut self, poller: &mut dyn Poller) {
         let ids: Vec<_> = self.conns.keys().copied().collect();
         for id in ids {
+            if let Some(e) = self.conns.get(&id) {
+                e.conn.inner.channel.close_shutting_down();
+            }
             self.close_connection(id, poller, "server shutting down");
         }
         for (_, p) in self.pending.drain() {

@@ -89,7 +89,8 @@ fn a_poll_loop_handles_disconnects_and_shutdown() {
         let t = s.spawn(|| blocked.call(CMD_NEVER, b"", &mut [0u8; 8]));
         server.proc.expect("PARKED", T);
         server.proc.command("shutdown", "OK");
-        assert!(is_lost(&t.join().unwrap()));
+        let r = t.join().unwrap();
+        assert!(matches!(r, Err(Error::ShuttingDown)), "{r:?}");
     });
     let done = server.proc.expect("POLL_LOOP_DONE", T);
     assert_eq!(num(&done, "registered"), 0, "every fd was deregistered");

@@ -151,11 +151,11 @@ fn shutdown_wakes_every_blocked_client_promptly() {
         let at = Instant::now();
         server.proc.command("shutdown", "OK");
         let (r, woke) = blocked.join().expect("blocked caller");
-        assert!(is_lost(&r), "{r:?}");
+        assert!(matches!(r, Err(Error::ShuttingDown)), "a shutdown says so: {r:?}");
         assert!(woke.duration_since(at) < Duration::from_secs(1), "woken in {:?}", woke.duration_since(at));
     });
     let remote_result = remote.expect("CALL_RESULT", T);
-    assert_eq!(field(&remote_result, "error"), "ConnectionLost");
+    assert_eq!(field(&remote_result, "error"), "ShuttingDown");
     server.proc.expect_with("DISCONNECT_DONE", "id", &id.to_string(), T);
     let stopped = server.proc.expect("STOPPED", T);
     assert_eq!(num(&stopped, "parked"), 2, "the parked responders outlived the connections harmlessly");
@@ -171,7 +171,7 @@ fn shutting_down_one_service_closes_its_connections_and_refuses_new_ones() {
     let (echo_client, _) = connect_echo(&server.ep);
     server.proc.command(&format!("shutdown_service {SVC_COUNTER}"), "OK");
     let lost = listener.expect("LOST", T);
-    assert_eq!(field(&lost, "error"), "ConnectionLost");
+    assert_eq!(field(&lost, "error"), "ShuttingDown");
     let r = Client::connect(&server.ep, SVC_COUNTER);
     assert!(matches!(r, Err(Error::NoSuchService)), "{r:?}");
     echo(&echo_client, b"the other service carries on");

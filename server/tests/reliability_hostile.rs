@@ -211,6 +211,20 @@ fn scribble_mode(ep: &str, target: &str, _control: Receiver<String>) {
             let _ = raw.responses.try_pop(&mut sink);
             let _ = raw.dispatch.try_pop(&mut sink);
         }
+        if target == "lengths" {
+            // Besides random words in the data areas (which the server may
+            // read before or after they land), publish one record whose
+            // header is garbage, so every run exercises the length checks:
+            // a bad length at the request ring's tail, then a tail past it.
+            let l = raw.accepted.layout;
+            let cap = u64::from(raw.accepted.sizes.request_ring_bytes);
+            let tail_word = raw.segment.atomic_u64((l.request.offset + RING_TAIL) as usize);
+            let tail = tail_word.load(Ordering::Acquire);
+            let header = (l.request.offset + RING_DATA + (tail % cap)) as usize;
+            raw.segment.atomic_u64(header & !7).store(g.word() | 0xffff, Ordering::Relaxed);
+            tail_word.store(tail.wrapping_add(64), Ordering::Release);
+            raw.request_bell.signal();
+        }
         for _ in 0..8 {
             let (lo, hi) = ranges[(g.next() as usize) % ranges.len()];
             let at = lo + (g.next() % ((hi - lo) / 8)) * 8;

@@ -77,6 +77,9 @@ pub enum ChannelError {
     },
     /// The peer closed the connection or died.
     PeerGone,
+    /// The server closed the connection because the service or the whole
+    /// server is shutting down.
+    ShuttingDown,
     /// The peer corrupted shared memory; the connection must be dropped.
     Corrupt(Corruption),
 }
@@ -89,6 +92,7 @@ impl fmt::Display for ChannelError {
             Self::TooBig { len, max } => write!(f, "message of {len} bytes exceeds maximum {max}"),
             Self::BufferTooSmall { needed } => write!(f, "buffer too small: message has {needed} bytes"),
             Self::PeerGone => f.write_str("connection lost"),
+            Self::ShuttingDown => f.write_str("shutting down"),
             Self::Corrupt(c) => write!(f, "shared memory corrupt: {c}"),
         }
     }
@@ -629,6 +633,13 @@ impl ServerChannel {
         self.liveness().peer_alive()
     }
 
+    /// Closes the connection because the service or the server shuts down:
+    /// the client reports "shutting down" rather than "connection lost".
+    pub fn close_shutting_down(&self) {
+        self.control().close_shutting_down();
+        self.close();
+    }
+
     /// Closes the connection from the server side: marks it closed in the
     /// control block, wakes every sleeper on the client side, and shuts the
     /// socket down. Idempotent.
@@ -892,6 +903,24 @@ impl ClientChannel {
         !self.control().is_open(Side::Server)
     }
 
+    /// The error for a server that went away: "shutting down" if it said
+    /// so, "connection lost" otherwise.
+    fn lost(&self) -> ChannelError {
+        if self.control().server_shutting_down() {
+            ChannelError::ShuttingDown
+        } else {
+            ChannelError::PeerGone
+        }
+    }
+
+    fn reason(&self, e: ChannelError) -> ChannelError {
+        if e == ChannelError::PeerGone {
+            self.lost()
+        } else {
+            e
+        }
+    }
+
     /// Sends a request without waiting.
     ///
     /// # Errors
@@ -905,7 +934,7 @@ impl ClientChannel {
             return Err(ChannelError::TooBig { len, max });
         }
         if self.gone() {
-            return Err(ChannelError::PeerGone);
+            return Err(self.lost());
         }
         if self.control().request_paused() {
             return Err(ChannelError::TryAgain);
@@ -936,7 +965,8 @@ impl ClientChannel {
                 self.liveness(),
                 deadline,
                 self.policy,
-            )?;
+            )
+            .map_err(|e| self.reason(e.into()))?;
         }
     }
 
@@ -958,7 +988,7 @@ impl ClientChannel {
             deadline,
             self.policy,
         )
-        .map_err(Into::into)
+        .map_err(|e| self.reason(e.into()))
     }
 
     /// Prepares to wait for a response in an event loop: announces on the
@@ -1067,7 +1097,7 @@ impl ClientChannel {
             // case a message landed just before the server went.
             if !self.peer_alive() {
                 if !self.dispatch_ready()? {
-                    return Err(ChannelError::PeerGone);
+                    return Err(self.lost());
                 }
             } else {
                 // Announce as a poller, then re-check (the ring's protocol):
@@ -1142,7 +1172,7 @@ impl ClientChannel {
             deadline,
             self.policy,
         )
-        .map_err(Into::into)
+        .map_err(|e| self.reason(e.into()))
     }
 
     /// The dispatch fd (an eventfd): readable when a dispatch message

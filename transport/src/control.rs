@@ -16,6 +16,8 @@
 //! | `OPEN`   | the side serves the connection                      |
 //! | `CLOSED` | the side shut the connection down cleanly; it then  |
 //! |          | notifies every wait point so sleepers see it at once|
+//! | `SHUTTING_DOWN` | (server only) as `CLOSED`, because the service |
+//! |          | or the server shuts down                           |
 //!
 //! Any other value (a hostile or broken peer) reads as `CLOSED`. A peer that
 //! dies without writing `CLOSED` is noticed through its socket instead (see
@@ -42,6 +44,9 @@ const CLIENT_STATE: usize = 256;
 pub const OPEN: u32 = 0;
 /// A side's state word value: shut down cleanly.
 pub const CLOSED: u32 = 1;
+/// The server's state word value: closed because the service or the whole
+/// server is shutting down (clients report "shutting down", not "lost").
+pub const SHUTTING_DOWN: u32 = 2;
 
 /// Which end of the connection this process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +105,18 @@ impl<'a> Control<'a> {
     /// Marks `side` as closed. Release: everything the side did before is
     /// visible to a peer that sees `CLOSED`.
     pub fn close(&self, side: Side) {
-        self.state_word(side).store(CLOSED, Ordering::Release);
+        // Keep a more specific reason (`SHUTTING_DOWN`) if one was given.
+        let _ = self.state_word(side).compare_exchange(OPEN, CLOSED, Ordering::Release, Ordering::Relaxed);
+    }
+
+    /// Marks the server side as shutting down (before closing it).
+    pub fn close_shutting_down(&self) {
+        self.state_word(Side::Server).store(SHUTTING_DOWN, Ordering::Release);
+    }
+
+    /// Whether the server closed because it is shutting down.
+    pub fn server_shutting_down(&self) -> bool {
+        self.state_word(Side::Server).load(Ordering::Acquire) == SHUTTING_DOWN
     }
 
     /// Whether `side` is still open (anything but `OPEN` reads as closed).
