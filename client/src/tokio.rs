@@ -1,5 +1,5 @@
 //! The async client (feature `tokio`): `call` is an `async fn`, dispatch
-//! messages arrive as a [`Stream`](futures_core::Stream).
+//! messages arrive as a [`Stream`].
 //!
 //! It shares the protocol with the blocking [`Client`](crate::Client) — the
 //! same `Inner` sends requests, matches responses to requests by sequence

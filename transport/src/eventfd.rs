@@ -15,7 +15,7 @@
 //! counter, or write to a counter it saturated, would then sleep until the
 //! peer pleases (for ever, once it exited). So every read and write asks for
 //! non-blocking I/O *per call* (`preadv2`/`pwritev2` with `RWF_NOWAIT`),
-//! whatever the shared flag says; see [`read_nowait`] for kernels whose
+//! whatever the shared flag says; see `read_nowait` for kernels whose
 //! eventfd does not take that flag. [`EventFd::from_fd`] still re-checks the
 //! kind and sets `O_NONBLOCK`, for the application's own event loop.
 
@@ -220,7 +220,7 @@ fn reassert_nonblock(fd: BorrowedFd<'_>) {
 impl EventFd {
     /// Waits with `poll(2)` until `fd` is readable or `timeout` elapses;
     /// returns whether it is readable. For descriptors handed out as
-    /// [`BorrowedFd`](std::os::fd::BorrowedFd) (e.g. a dispatch fd).
+    /// [`BorrowedFd`] (e.g. a dispatch fd).
     pub fn wait_fd(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
         let mut fds = [PollFd::new(&fd, PollFlags::IN)];
         let ts = Timespec::try_from(timeout).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });

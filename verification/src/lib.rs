@@ -11,7 +11,7 @@
 //! (`tests/prop_*.rs`, compiled only without that cfg) that replay long random
 //! operation sequences on a ring and on a `VecDeque` reference model and
 //! compare them after every step. The library itself only provides the
-//! shared model helpers ([`loom_support`], under loom). See `README.md` for
+//! shared model helpers (`loom_support`, under loom). See `README.md` for
 //! the exact commands and how to replay a failure.
 
 #[cfg(coroipc_loom)]
