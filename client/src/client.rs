@@ -587,6 +587,11 @@ impl Client {
     /// As [`try_recv_dispatch`](Self::try_recv_dispatch), with `Timeout`
     /// instead of `TryAgain`.
     pub fn recv_dispatch(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<DispatchInfo> {
+        // The common case — a message is waiting — reads no clock.
+        match self.try_recv_dispatch(buf) {
+            Err(Error::TryAgain) => {}
+            other => return other,
+        }
         let deadline = deadline(timeout);
         let spin = self.spin_budget();
         loop {
@@ -624,6 +629,11 @@ impl Client {
     ///
     /// As [`recv_dispatch`](Self::recv_dispatch).
     pub fn recv_dispatch_in_place(&self, timeout: Option<Duration>) -> Result<DispatchGuard<'_>> {
+        // The common case — a message is waiting — reads no clock. (Two
+        // attempts because a guard borrows `self` for its whole life.)
+        if self.lock().peek_dispatch(Duration::ZERO).is_ok() {
+            return self.try_recv_dispatch_in_place();
+        }
         let deadline = deadline(timeout);
         let spin = self.spin_budget();
         loop {

@@ -84,20 +84,29 @@ use crate::sync::{fence, Ordering};
 /// The producer half of the flow-control handshake, run after publishing
 /// `tail`. `head_hint` is the producer's cached consumer position (never
 /// newer than the real one, so the fill it gives is an upper bound and the
-/// common case costs no shared-memory read).
+/// common case costs no shared-memory read). When the hint says "high",
+/// the real head is read; `refresh` is then called with it (validated), so
+/// the caller can update its cache and the next commit is cheap again
+/// (without it, a stale hint sent every commit down this path: 14% of the
+/// `ev64` profile).
 #[inline]
-pub(crate) fn raise_if_high(ring: &RingRef, tail: u64, head_hint: u64) -> FlowChange {
+pub(crate) fn raise_if_high(
+    ring: &RingRef,
+    tail: u64,
+    head_hint: u64,
+    refresh: impl FnOnce(u64),
+) -> FlowChange {
     let Some(w) = ring.layout.watermarks else {
         return FlowChange::None;
     };
     if tail.wrapping_sub(head_hint) < w.high {
         return FlowChange::None;
     }
-    raise_slow(ring, w, tail)
+    raise_slow(ring, w, tail, refresh)
 }
 
 #[cold]
-fn raise_slow(ring: &RingRef, w: Watermarks, tail: u64) -> FlowChange {
+fn raise_slow(ring: &RingRef, w: Watermarks, tail: u64, refresh: impl FnOnce(u64)) -> FlowChange {
     let header = ring.header();
     // `tail` is the end of *our* publication. An MPSC producer's end can be
     // behind the shared tail, and the consumer may already have consumed
@@ -114,9 +123,13 @@ fn raise_slow(ring: &RingRef, w: Watermarks, tail: u64) -> FlowChange {
             None
         }
     };
-    let Some(f) = fill(header.head.0.load(Ordering::Acquire)) else {
+    let head = header.head.0.load(Ordering::Acquire);
+    let Some(f) = fill(head) else {
         return FlowChange::None; // corrupt head: the next reserve reports it
     };
+    if tail.wrapping_sub(head) <= ring.layout.capacity && head % 8 == 0 {
+        refresh(head); // a valid head no further than `tail`
+    }
     if f < w.high {
         return FlowChange::None;
     }

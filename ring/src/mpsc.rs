@@ -276,7 +276,9 @@ impl MpscWriteGrant<'_> {
         // SYNC TAIL: publishes this record and, transitively, the earlier ones.
         s.ring.header().tail.0.store(end, publish_ordering());
         s.published.store(end, Ordering::Release);
-        raise_if_high(&s.ring, end, s.head_cache.load(Ordering::Relaxed))
+        raise_if_high(&s.ring, end, s.head_cache.load(Ordering::Acquire), |head| {
+            s.head_cache.fetch_max(head, Ordering::AcqRel);
+        })
     }
 }
 

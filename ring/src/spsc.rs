@@ -263,6 +263,9 @@ impl WriteGrant<'_> {
         p.tail += self.plan.advance;
         // SYNC TAIL: Release publishes the headers and payload written above.
         p.ring.header().tail.0.store(p.tail, publish_ordering());
-        raise_if_high(&p.ring, p.tail, p.head_cache)
+        let mut head_cache = p.head_cache;
+        let change = raise_if_high(&p.ring, p.tail, head_cache, |head| head_cache = head);
+        p.head_cache = head_cache;
+        change
     }
 }

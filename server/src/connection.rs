@@ -275,7 +275,8 @@ impl Connection {
         timeout: Duration,
     ) -> Result<(), DispatchError> {
         self.check_open()?;
-        let deadline = Instant::now() + timeout;
+        // Read the clock only once a wait is needed.
+        let mut deadline = None;
         loop {
             self.observe_flow();
             let (result, len) = self.dispatch_once(id, parts);
@@ -285,6 +286,7 @@ impl Connection {
             }
             // Wait without the dispatch lock, so other threads' try_dispatch
             // keep answering at once.
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             if let Err(e) = self.inner.channel.wait_dispatch_room(len, deadline) {
                 return self.after_dispatch(Err(e), len);
             }
@@ -320,9 +322,35 @@ impl Connection {
 
 /// `header` followed by `parts`, without copying the parts. Small vectors
 /// stay on the stack.
-fn with_header<'a>(header: &'a [u8; HEADER_LEN], parts: &[IoSlice<'a>]) -> Vec<IoSlice<'a>> {
-    let mut iov = Vec::with_capacity(parts.len() + 1);
-    iov.push(IoSlice::new(header));
-    iov.extend_from_slice(parts);
-    iov
+fn with_header<'a>(header: &'a [u8; HEADER_LEN], parts: &[IoSlice<'a>]) -> Iov<'a> {
+    if parts.len() < INLINE_IOV {
+        let mut a = [IoSlice::new(&[]); INLINE_IOV];
+        a[0] = IoSlice::new(header);
+        a[1..=parts.len()].copy_from_slice(parts);
+        Iov::Inline(a, parts.len() + 1)
+    } else {
+        let mut v = Vec::with_capacity(parts.len() + 1);
+        v.push(IoSlice::new(header));
+        v.extend_from_slice(parts);
+        Iov::Heap(v)
+    }
+}
+
+/// Slices gathered for one message: up to `INLINE_IOV` on the stack (no
+/// allocation per dispatch or response), more on the heap.
+const INLINE_IOV: usize = 4;
+
+enum Iov<'a> {
+    Inline([IoSlice<'a>; INLINE_IOV], usize),
+    Heap(Vec<IoSlice<'a>>),
+}
+
+impl<'a> std::ops::Deref for Iov<'a> {
+    type Target = [IoSlice<'a>];
+    fn deref(&self) -> &[IoSlice<'a>] {
+        match self {
+            Self::Inline(a, n) => &a[..*n],
+            Self::Heap(v) => v,
+        }
+    }
 }
