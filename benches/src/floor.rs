@@ -60,21 +60,37 @@ fn open_parent_fd(fd: i32, read: bool, write: bool) -> File {
 
 /// Runs `count` round trips of `kind` against a peer process; returns the
 /// latency sample.
-pub fn ping_pong(kind: Kind, count: u64) -> Sample {
+pub fn ping_pong(kind: Kind, count: u64, cpu: Option<usize>) -> Sample {
+    let saved = cpu.map(crate::proc::pin);
+    let pin_args: Vec<String> = cpu.map(|c| vec!["--cpu".into(), c.to_string()]).unwrap_or_default();
+    let sample = ping_pong_inner(kind, count, &pin_args);
+    if let Some(old) = saved {
+        crate::proc::restore(old);
+    }
+    sample
+}
+
+fn ping_pong_inner(kind: Kind, count: u64, pin_args: &[String]) -> Sample {
     let warmup = (count / 10).clamp(100, 10_000);
     match kind {
         Kind::Spin | Kind::Futex => {
             let seg = Segment::create(PAGE).expect("shared page");
-            let mut peer = Proc::spawn(&[
-                "--role".into(),
-                "floor-peer".into(),
-                "--floor-kind".into(),
-                kind.name().into(),
-                "--fds".into(),
-                std::os::fd::AsFd::as_fd(&seg).as_raw_fd().to_string(),
-                "--count".into(),
-                (count + warmup).to_string(),
-            ]);
+            let mut peer = Proc::spawn(
+                &[
+                    &[
+                        "--role".into(),
+                        "floor-peer".into(),
+                        "--floor-kind".into(),
+                        kind.name().into(),
+                        "--fds".into(),
+                        std::os::fd::AsFd::as_fd(&seg).as_raw_fd().to_string(),
+                        "--count".into(),
+                        (count + warmup).to_string(),
+                    ][..],
+                    pin_args,
+                ]
+                .concat(),
+            );
             peer.expect_line("READY");
             let (ping, pong) = (seg.atomic_u32(PING), seg.atomic_u32(PONG));
             let mut hist = histogram();
@@ -100,16 +116,22 @@ pub fn ping_pong(kind: Kind, count: u64) -> Sample {
         Kind::Pipe => {
             let (to_peer_r, to_peer_w): (OwnedFd, OwnedFd) = rustix::pipe::pipe().expect("pipe");
             let (from_peer_r, from_peer_w): (OwnedFd, OwnedFd) = rustix::pipe::pipe().expect("pipe");
-            let mut peer = Proc::spawn(&[
-                "--role".into(),
-                "floor-peer".into(),
-                "--floor-kind".into(),
-                "pipe".into(),
-                "--fds".into(),
-                format!("{},{}", to_peer_r.as_raw_fd(), from_peer_w.as_raw_fd()),
-                "--count".into(),
-                (count + warmup).to_string(),
-            ]);
+            let mut peer = Proc::spawn(
+                &[
+                    &[
+                        "--role".into(),
+                        "floor-peer".into(),
+                        "--floor-kind".into(),
+                        "pipe".into(),
+                        "--fds".into(),
+                        format!("{},{}", to_peer_r.as_raw_fd(), from_peer_w.as_raw_fd()),
+                        "--count".into(),
+                        (count + warmup).to_string(),
+                    ][..],
+                    pin_args,
+                ]
+                .concat(),
+            );
             peer.expect_line("READY");
             drop((to_peer_r, from_peer_w));
             let mut tx = File::from(to_peer_w);

@@ -72,3 +72,20 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// Pins the calling thread to `cpu`; returns the previous affinity, to
+/// restore with [`restore`].
+pub fn pin(cpu: usize) -> Option<rustix::thread::CpuSet> {
+    let old = rustix::thread::sched_getaffinity(None).ok();
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    let _ = rustix::thread::sched_setaffinity(None, &set);
+    old
+}
+
+/// Restores an affinity saved by [`pin`].
+pub fn restore(old: Option<rustix::thread::CpuSet>) {
+    if let Some(set) = old {
+        let _ = rustix::thread::sched_setaffinity(None, &set);
+    }
+}

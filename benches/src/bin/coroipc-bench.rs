@@ -57,6 +57,9 @@ struct Args {
     /// Internal: the server's spin budget in microseconds.
     #[arg(long, hide = true)]
     spin_us: Option<u64>,
+    /// Internal: pin this child process to a CPU.
+    #[arg(long, hide = true)]
+    cpu: Option<usize>,
 }
 
 fn main() {
@@ -127,6 +130,18 @@ fn client_policy(w: Workload) -> WaitPolicy {
     }
 }
 
+/// The CPU the processes of a workload are pinned to, if any.
+///
+/// `rr64-sleep` compares sleeping mechanisms. On the 2-vCPU VMs this runs
+/// on, a wake-up that crosses CPUs costs a VM exit (~21 µs: the guest's
+/// halt polling is off) whatever the mechanism, and the scheduler places
+/// the pair on one CPU or two by chance (benches/README.md, "Wake path").
+/// Pinning every process of the workload — ours and the floors' — to one
+/// CPU compares the mechanisms instead of the placements.
+fn pinned_cpu(w: Workload) -> Option<usize> {
+    (w == Workload::Rr64Sleep).then_some(0)
+}
+
 fn run(p: Params, t: Transport) -> Outcome {
     static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -148,6 +163,9 @@ fn run(p: Params, t: Transport) -> Outcome {
             "--spin-us".into(),
             server_spin(p.workload).as_micros().to_string(),
         ]
+        .into_iter()
+        .chain(pinned_cpu(p.workload).map(|c| ["--cpu".to_string(), c.to_string()]).into_iter().flatten())
+        .collect()
     };
     match t {
         Transport::Coroipc | Transport::Uds => {
@@ -175,13 +193,17 @@ fn floor_outcome(p: Params) -> Outcome {
     let w = p.workload;
     match w {
         Workload::Rr64 | Workload::Rr64Spin => {
-            let s = floor::ping_pong(Kind::Spin, p.count);
+            let s = floor::ping_pong(Kind::Spin, p.count, None);
             Outcome::from_samples(w, Transport::Floor, &[s], "cache-line ping-pong")
         }
         Workload::Rr64Sleep => {
-            let futex = floor::ping_pong(Kind::Futex, p.count);
-            let pipe = floor::ping_pong(Kind::Pipe, p.count);
-            let note = format!("best of futex {} ns / pipe {} ns ping-pong", futex.median_ns, pipe.median_ns);
+            let cpu = pinned_cpu(w);
+            let futex = floor::ping_pong(Kind::Futex, p.count, cpu);
+            let pipe = floor::ping_pong(Kind::Pipe, p.count, cpu);
+            let note = format!(
+                "best of futex {} ns / pipe {} ns ping-pong; all pinned to one CPU",
+                futex.median_ns, pipe.median_ns
+            );
             let best = if pipe.median_ns < futex.median_ns { pipe } else { futex };
             Outcome::from_samples(w, Transport::Floor, &[best], &note)
         }
@@ -194,6 +216,9 @@ fn floor_outcome(p: Params) -> Outcome {
 }
 
 fn child(role: &str, args: &Args) {
+    if let Some(cpu) = args.cpu {
+        let _ = coroipc_benches::proc::pin(cpu);
+    }
     let workload = args.workload.as_deref().and_then(Workload::parse);
     let transport = args.transport.as_deref().and_then(Transport::parse);
     let endpoint = args.endpoint.clone().unwrap_or_default();
