@@ -229,12 +229,21 @@ impl Inner {
     ) -> Result<u64> {
         let seq = self.next_seq;
         let header = MessageHeader { id: u32::from(command), flags, seq }.encode();
-        let mut iov = Vec::with_capacity(parts.len() + 1);
-        iov.push(IoSlice::new(&header));
-        iov.extend_from_slice(parts);
+        // Header + parts, on the stack for up to three parts (no allocation
+        // per call).
+        let mut inline = [IoSlice::new(&[]); 4];
+        let heap;
+        let iov: &[IoSlice<'_>] = if parts.len() < inline.len() {
+            inline[0] = IoSlice::new(&header);
+            inline[1..=parts.len()].copy_from_slice(parts);
+            &inline[..=parts.len()]
+        } else {
+            heap = [&[IoSlice::new(&header)][..], parts].concat();
+            &heap
+        };
         match deadline {
-            Some(d) if d <= Instant::now() => self.channel.try_send(&iov)?,
-            _ => self.channel.send(&iov, deadline)?,
+            Some(d) if d <= Instant::now() => self.channel.try_send(iov)?,
+            _ => self.channel.send(iov, deadline)?,
         }
         self.next_seq += 1;
         Ok(seq)

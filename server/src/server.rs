@@ -806,16 +806,22 @@ impl Server {
         if self.active.is_empty() {
             return false;
         }
-        let active = self.active.clone();
+        // Taken out (not cloned: no allocation per poll) and put back; a
+        // connection `serve` closes meanwhile is skipped by every later use.
+        let mut active = std::mem::take(&mut self.active);
         let conns = &self.conns;
         let mut ready = || active.iter().any(|id| conns.get(id).is_some_and(|e| servable(&e.conn)));
         if !spin_until(&mut ready, self.spin) {
+            self.active = active;
             return false;
         }
         let mut served = 0;
-        for id in active {
+        for &id in &active {
             served += self.serve(id, poller);
         }
+        active.retain(|id| self.conns.contains_key(id));
+        active.append(&mut self.active);
+        self.active = active;
         served > 0
     }
 

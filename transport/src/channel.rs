@@ -545,7 +545,7 @@ impl ServerChannel {
     /// answering never blocks it (a client that does not read its responses
     /// only stalls its own connection).
     pub fn response_space_for(&self, len: usize) -> bool {
-        lock(&self.responses).can_reserve(len)
+        lock(&self.responses).has_space(len)
     }
 
     /// Sends a dispatch message without blocking.
