@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use coroipc_ring::FlowState;
-use coroipc_transport::channel::{ChannelError, ClientChannel};
+use coroipc_transport::channel::{ChannelError, ClientChannel, PendingConnect};
 use coroipc_transport::handshake::{ClientHello, RingSizes};
 use coroipc_transport::message::{MessageHeader, Status, FLAG_ONEWAY, HEADER_LEN};
 use coroipc_transport::socket::{Endpoint, PeerCred};
@@ -88,6 +88,82 @@ impl ClientBuilder {
     #[doc(alias = "coroipcc_service_connect")]
     pub fn connect(self) -> Result<Client> {
         let (inner, dispatch_fd, socket_fd) = self.open()?;
+        Client::assemble(inner, dispatch_fd, socket_fd)
+    }
+
+    /// Starts connecting without blocking, for event loops: poll
+    /// [`PendingClient`]'s fd for readability, call
+    /// [`PendingClient::poll`] until it says `true`, then
+    /// [`PendingClient::finish`].
+    ///
+    /// # Errors
+    ///
+    /// `Io` if nobody listens.
+    pub fn connect_nonblocking(self) -> Result<PendingClient> {
+        let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
+        let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
+        let pending = PendingConnect::connect(&endpoint, &hello, self.timeout)?;
+        Ok(PendingClient { pending, builder: self })
+    }
+
+    /// The protocol state over an established channel, with duplicates of
+    /// the dispatch fd and the socket (to sleep on without the lock).
+    fn adopt(&self, mut channel: ClientChannel) -> Result<(Inner, OwnedFd, OwnedFd)> {
+        channel.set_wait_policy(self.policy);
+        let dispatch_fd = channel.dispatch_fd().try_clone_to_owned().map_err(Error::Io)?;
+        let socket_fd = channel.socket_fd().try_clone_to_owned().map_err(Error::Io)?;
+        let inner = Inner {
+            channel,
+            next_seq: 1,
+            outstanding: HashSet::new(),
+            arrived: HashMap::new(),
+            max_in_flight: self.max_in_flight,
+            kept: None,
+        };
+        Ok((inner, dispatch_fd, socket_fd))
+    }
+}
+
+/// A client connection being set up without blocking
+/// ([`ClientBuilder::connect_nonblocking`]).
+#[derive(Debug)]
+pub struct PendingClient {
+    pending: PendingConnect,
+    builder: ClientBuilder,
+}
+
+impl PendingClient {
+    /// Reads what the server sent; `true` once the handshake reply is
+    /// complete.
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::connect`].
+    pub fn poll(&mut self) -> Result<bool> {
+        Ok(self.pending.poll()?)
+    }
+
+    /// Finishes the connection (validation and mapping; no waiting).
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientBuilder::connect`].
+    pub fn finish(self) -> Result<Client> {
+        let channel = self.pending.finish()?;
+        let (inner, dispatch_fd, socket_fd) = self.builder.adopt(channel)?;
+        Client::assemble(inner, dispatch_fd, socket_fd)
+    }
+}
+
+impl AsFd for PendingClient {
+    /// The socket: readable when the server's answer arrives.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.pending.fd()
+    }
+}
+
+impl Client {
+    fn assemble(inner: Inner, dispatch_fd: OwnedFd, socket_fd: OwnedFd) -> Result<Client> {
         // What the application polls: readable when a dispatch message
         // arrived after a receive returned `TryAgain` (the armed eventfd),
         // and when the server went away, even killed (its socket hangs up).
@@ -103,24 +179,16 @@ impl ClientBuilder {
         }
         Ok(Client { inner: Mutex::new(inner), poll_fd, _dispatch_fd: dispatch_fd, _socket_fd: socket_fd })
     }
+}
 
+impl ClientBuilder {
     /// Connects and returns the protocol state with duplicates of the
     /// dispatch fd and the socket (to sleep on without the lock).
     pub(crate) fn open(self) -> Result<(Inner, OwnedFd, OwnedFd)> {
         let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
         let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
-        let mut channel = ClientChannel::connect(&endpoint, &hello, self.timeout)?;
-        channel.set_wait_policy(self.policy);
-        let dispatch_fd = channel.dispatch_fd().try_clone_to_owned().map_err(Error::Io)?;
-        let socket_fd = channel.socket_fd().try_clone_to_owned().map_err(Error::Io)?;
-        let inner = Inner {
-            channel,
-            next_seq: 1,
-            outstanding: HashSet::new(),
-            arrived: HashMap::new(),
-            max_in_flight: self.max_in_flight,
-        };
-        Ok((inner, dispatch_fd, socket_fd))
+        let channel = ClientChannel::connect(&endpoint, &hello, self.timeout)?;
+        self.adopt(channel)
     }
 }
 
@@ -133,6 +201,9 @@ pub(crate) struct Inner {
     /// asked for: (status, payload).
     arrived: HashMap<u64, (Status, Vec<u8>)>,
     pub(crate) max_in_flight: usize,
+    /// The response of the last synchronous call that did not fit the
+    /// caller's buffer.
+    kept: Option<Vec<u8>>,
 }
 
 /// A connection to one service of a coroipc server.
@@ -329,13 +400,33 @@ impl Inner {
         }
     }
 
-    fn copy_response(&mut self, status: Status, len: usize, buf: &mut [u8]) -> Result<usize> {
+    /// Copies the peeked response `seq` into `buf` and releases it. A
+    /// response larger than `buf` is kept, not lost: a pipelined one stays
+    /// stashed under its ticket (`keep_as_ticket`; `wait` it again with a
+    /// larger buffer), a synchronous call's is kept for
+    /// [`Client::take_kept_response`].
+    fn copy_response(
+        &mut self,
+        seq: u64,
+        status: Status,
+        len: usize,
+        buf: &mut [u8],
+        keep_as_ticket: bool,
+    ) -> Result<usize> {
         if let Some(e) = Error::from_status(status) {
             self.channel.release_response();
             return Err(e);
         }
         if len > buf.len() {
+            let payload =
+                self.channel.current_response().map(|m| m[HEADER_LEN..].to_vec()).unwrap_or_default();
             self.channel.release_response();
+            if keep_as_ticket {
+                self.outstanding.insert(seq);
+                self.arrived.insert(seq, (status, payload));
+            } else {
+                self.kept = Some(payload);
+            }
             return Err(Error::BufferTooSmall { needed: len });
         }
         if let Some(m) = self.channel.current_response() {
@@ -401,7 +492,8 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// `BufferTooSmall` (the response is discarded: the call completed),
+    /// `BufferTooSmall` (the response is kept: fetch it with
+    /// [`take_kept_response`](Self::take_kept_response)),
     /// `TooBig`, `ConnectionLost`, `TryAgain`/`Invalid`/`Service` as
     /// answered by the service, `Timeout` (only with
     /// [`call_timeout`](Self::call_timeout)).
@@ -438,7 +530,7 @@ impl Client {
         let mut inner = self.lock();
         let seq = inner.send(command, 0, request, deadline)?;
         let (status, len) = inner.await_response(seq, deadline)?;
-        inner.copy_response(status, len, response)
+        inner.copy_response(seq, status, len, response, false)
     }
 
     /// Sends `request` and returns the response in place, without copying
@@ -515,11 +607,11 @@ impl Client {
         }
         if let Some((status, payload)) = inner.arrived.remove(&ticket.0) {
             inner.outstanding.remove(&ticket.0);
-            return copy_stashed(status, &payload, response);
+            return inner.copy_stashed(ticket.0, status, payload, response);
         }
         let (status, len) = inner.await_response(ticket.0, deadline)?;
         inner.outstanding.remove(&ticket.0);
-        inner.copy_response(status, len, response)
+        inner.copy_response(ticket.0, status, len, response, true)
     }
 
     /// Collects whichever outstanding response arrives first.
@@ -539,7 +631,7 @@ impl Client {
         if let Some(&seq) = inner.arrived.keys().next() {
             let (status, payload) = inner.arrived.remove(&seq).expect("key exists");
             inner.outstanding.remove(&seq);
-            return Ok((Ticket(seq), copy_stashed(status, &payload, response)));
+            return Ok((Ticket(seq), inner.copy_stashed(seq, status, payload, response)));
         }
         if inner.outstanding.is_empty() {
             return Err(Error::Invalid);
@@ -547,11 +639,33 @@ impl Client {
         loop {
             if let Some((seq, status, len)) = inner.next_response(None)? {
                 inner.outstanding.remove(&seq);
-                let result = inner.copy_response(status, len, response);
+                let result = inner.copy_response(seq, status, len, response, true);
                 return Ok((Ticket(seq), result));
             }
             inner.channel.wait_response(deadline)?;
         }
+    }
+
+    /// The response of the last [`call`](Self::call) that failed with
+    /// [`Error::BufferTooSmall`]: the response is kept, not lost; fetch it
+    /// with a buffer of at least `needed` bytes.
+    ///
+    /// # Errors
+    ///
+    /// `Invalid` if no response is kept; `BufferTooSmall` again (still
+    /// kept) if `buf` is still too small.
+    pub fn take_kept_response(&self, buf: &mut [u8]) -> Result<usize> {
+        let mut inner = self.lock();
+        let Some(payload) = inner.kept.take() else {
+            return Err(Error::Invalid);
+        };
+        if payload.len() > buf.len() {
+            let needed = payload.len();
+            inner.kept = Some(payload);
+            return Err(Error::BufferTooSmall { needed });
+        }
+        buf[..payload.len()].copy_from_slice(&payload);
+        Ok(payload.len())
     }
 
     /// Number of pipelined requests not yet collected.
@@ -699,15 +813,22 @@ impl Client {
     }
 }
 
-fn copy_stashed(status: Status, payload: &[u8], buf: &mut [u8]) -> Result<usize> {
-    if let Some(e) = Error::from_status(status) {
-        return Err(e);
+impl Inner {
+    /// Copies a stashed response of ticket `seq`; one that does not fit
+    /// goes back to the stash (the ticket stays outstanding).
+    fn copy_stashed(&mut self, seq: u64, status: Status, payload: Vec<u8>, buf: &mut [u8]) -> Result<usize> {
+        if let Some(e) = Error::from_status(status) {
+            return Err(e);
+        }
+        if payload.len() > buf.len() {
+            let needed = payload.len();
+            self.outstanding.insert(seq);
+            self.arrived.insert(seq, (status, payload));
+            return Err(Error::BufferTooSmall { needed });
+        }
+        buf[..payload.len()].copy_from_slice(&payload);
+        Ok(payload.len())
     }
-    if payload.len() > buf.len() {
-        return Err(Error::BufferTooSmall { needed: payload.len() });
-    }
-    buf[..payload.len()].copy_from_slice(payload);
-    Ok(payload.len())
 }
 
 impl AsFd for Client {

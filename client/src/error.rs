@@ -34,12 +34,13 @@ pub enum Error {
     ConnectionLimit,
     /// Client and server speak different protocol versions.
     VersionMismatch,
-    /// The caller's buffer is smaller than the message. A dispatch message
-    /// is kept: the next receive returns it again. A response is not: the
-    /// call has completed and its answer is discarded (`needed` says how
-    /// big it was) — receive responses of unknown size with
-    /// [`Client::call_in_place`](crate::Client::call_in_place), or into a
-    /// buffer of [`Client::max_message`](crate::Client::max_message) bytes.
+    /// The caller's buffer is smaller than the message; the message is
+    /// kept. A dispatch message: the next receive returns it again. A
+    /// pipelined response: `wait` for its ticket again. A call's response:
+    /// [`Client::take_kept_response`](crate::Client::take_kept_response)
+    /// with a buffer of at least `needed` bytes. (Responses of unknown size
+    /// are simplest read in place with
+    /// [`Client::call_in_place`](crate::Client::call_in_place).)
     BufferTooSmall {
         /// The message length.
         needed: usize,

@@ -34,7 +34,9 @@ mod error;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 
-pub use client::{Client, ClientBuilder, DispatchGuard, DispatchInfo, ResponseGuard, Sizes, Ticket};
+pub use client::{
+    Client, ClientBuilder, DispatchGuard, DispatchInfo, PendingClient, ResponseGuard, Sizes, Ticket,
+};
 pub use coroipc_ring::FlowState;
 pub use coroipc_transport::message::Status;
 pub use coroipc_transport::waiter::{SleepMode, WaitPolicy};

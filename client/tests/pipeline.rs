@@ -224,3 +224,40 @@ fn async_client_makes_concurrent_calls_and_streams_dispatch() {
         }
     });
 }
+
+#[test]
+fn a_pipelined_response_too_big_for_the_buffer_stays_with_its_ticket() {
+    let srv = spawn_server("keep");
+    let client = Client::connect(&srv.endpoint, SERVICE).unwrap();
+    let ticket = client.send(ECHO, &[IoSlice::new(&[9u8; 40])], None).unwrap();
+    let mut small = [0u8; 8];
+    let r = client.wait(ticket, &mut small, Some(Duration::from_secs(5)));
+    assert!(matches!(r, Err(Error::BufferTooSmall { needed: 40 })), "{r:?}");
+    assert_eq!(client.in_flight(), 1, "the ticket is still outstanding");
+    let mut big = [0u8; 64];
+    assert_eq!(client.wait(ticket, &mut big, None).unwrap(), 40);
+    assert_eq!(&big[..40], &[9u8; 40]);
+    assert_eq!(client.in_flight(), 0);
+}
+
+#[test]
+fn a_non_blocking_connect_completes_through_polling_its_fd() {
+    use std::os::fd::AsFd;
+    let srv = spawn_server("nonblocking");
+    let mut pending = Client::builder(&srv.endpoint, SERVICE).connect_nonblocking().unwrap();
+    let mut polls = 0;
+    while !pending.poll().unwrap() {
+        polls += 1;
+        assert!(polls < 1000, "the handshake completes");
+        let fd = pending.as_fd();
+        let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+        let ts = rustix::event::Timespec { tv_sec: 1, tv_nsec: 0 };
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
+    }
+    let client = pending.finish().unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(client.call(ECHO, b"nb", &mut buf).unwrap(), 2);
+    assert_eq!(&buf[..2], b"nb");
+    // Nobody listening: an error at once, not a hang.
+    assert!(Client::builder("@coroipc-nobody-listens-here", SERVICE).connect_nonblocking().is_err());
+}

@@ -198,6 +198,14 @@ fn a_response_larger_than_the_buffer_is_reported_with_its_length() {
     let mut buf = [0u8; 10];
     let r = client.call(CMD_BIG, &u32s(&[100]), &mut buf);
     assert!(matches!(r, Err(Error::BufferTooSmall { needed: 100 })), "{r:?}");
+    // The response is kept, not lost: fetch it with a big enough buffer.
+    let mut mid = [0u8; 50];
+    let r = client.take_kept_response(&mut mid);
+    assert!(matches!(r, Err(Error::BufferTooSmall { needed: 100 })), "still kept: {r:?}");
+    let mut kept = [0u8; 128];
+    assert_eq!(client.take_kept_response(&mut kept).expect("the kept response"), 100);
+    assert!(kept[..100].iter().all(|&b| b == 0xab));
+    assert!(matches!(client.take_kept_response(&mut kept), Err(Error::Invalid)), "taken once");
     // The call completed: the next call gets its own answer.
     let mut big = [0u8; 100];
     assert_eq!(client.call(CMD_BIG, &u32s(&[100]), &mut big).expect("fits now"), 100);

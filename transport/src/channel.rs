@@ -41,6 +41,8 @@ use coroipc_ring::{
     Watermarks,
 };
 
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+
 use crate::bell::Bell;
 use crate::control::{Control, Side, CONTROL_LEN};
 use crate::eventfd::EventFd;
@@ -717,6 +719,111 @@ impl From<io::Error> for ConnectError {
     }
 }
 
+/// A client handshake in progress, for event loops: nothing in it blocks.
+/// Poll [`fd`](Self::fd) for readability and call [`poll`](Self::poll)
+/// until it returns the connection (coroipc had no such thing; a
+/// non-blocking connect lets a single-threaded application connect without
+/// stalling its loop).
+#[derive(Debug)]
+pub struct PendingConnect {
+    stream: Stream,
+    reply: [u8; REPLY_LEN],
+    got: usize,
+    fds: Vec<OwnedFd>,
+    deadline: Instant,
+}
+
+impl PendingConnect {
+    /// Connects to `endpoint` and sends the hello without waiting for the
+    /// answer (a Unix socket connect completes at once unless the server's
+    /// backlog is full).
+    ///
+    /// # Errors
+    ///
+    /// `Io` if nobody listens (or the backlog is full: `WouldBlock`).
+    pub fn connect(
+        endpoint: &Endpoint,
+        hello: &ClientHello,
+        timeout: Duration,
+    ) -> Result<Self, ConnectError> {
+        Self::start(Stream::connect(endpoint)?, hello, timeout)
+    }
+
+    /// Starts the handshake on a connected stream.
+    ///
+    /// # Errors
+    ///
+    /// `Io` if the hello cannot be sent.
+    pub fn start(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
+        stream.as_std().set_nonblocking(true)?;
+        // 32 bytes into a fresh socket's empty buffer: never `WouldBlock`.
+        stream.send_with_fds(&hello.encode(), &[])?;
+        Ok(Self {
+            stream,
+            reply: [0; REPLY_LEN],
+            got: 0,
+            fds: Vec::new(),
+            deadline: Instant::now() + timeout,
+        })
+    }
+
+    /// The socket: readable when the server's reply (or a hang-up) arrives.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    /// Reads what has arrived; returns `true` once the whole reply is
+    /// there (then call [`finish`](Self::finish)).
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientChannel::connect`], including `Timeout` once the deadline
+    /// given at the start has passed.
+    pub fn poll(&mut self) -> Result<bool, ConnectError> {
+        while self.got < REPLY_LEN {
+            match self.stream.recv_with_fds(&mut self.reply[self.got..], REPLY_FDS - self.fds.len()) {
+                Ok((0, _)) => {
+                    return Err(ConnectError::Io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "server closed during handshake",
+                    )))
+                }
+                Ok((n, more)) => {
+                    self.got += n;
+                    self.fds.extend(more);
+                }
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= self.deadline {
+                        return Err(ConnectError::Timeout);
+                    }
+                    return Ok(false);
+                }
+                Err(SocketRecvError::Io(e)) => return Err(e.into()),
+                Err(_) => return Err(ConnectError::Descriptors("truncated or too many")),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Validates the server's reply and descriptors and sets the connection
+    /// up (no waiting: everything arrived).
+    ///
+    /// # Errors
+    ///
+    /// As [`ClientChannel::connect`]; `Timeout`-free. Calling it before
+    /// [`poll`](Self::poll) returned `true` fails with a decode error.
+    pub fn finish(self) -> Result<ClientChannel, ConnectError> {
+        if self.got < REPLY_LEN {
+            return Err(ConnectError::Handshake(HandshakeDecodeError::WrongLength {
+                expected: REPLY_LEN,
+                actual: self.got,
+            }));
+        }
+        ClientChannel::finish(self.stream, &self.reply, self.fds)
+    }
+}
+
 /// The client end of one connection. `Send`; wrap it in a mutex to share.
 #[derive(Debug)]
 pub struct ClientChannel {
@@ -765,36 +872,26 @@ impl ClientChannel {
     ///
     /// As [`connect`](Self::connect).
     pub fn handshake(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
-        let deadline = Instant::now() + timeout;
-        let std = stream.as_std();
-        std.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
-        stream.send_with_fds(&hello.encode(), &[])?;
-        let mut reply = [0u8; REPLY_LEN];
-        let mut fds: Vec<OwnedFd> = Vec::new();
-        let mut got = 0;
-        while got < REPLY_LEN {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(ConnectError::Timeout);
+        let mut pending = PendingConnect::start(stream, hello, timeout)?;
+        loop {
+            if pending.poll()? {
+                return pending.finish();
             }
-            std.set_read_timeout(Some(left))?;
-            match stream.recv_with_fds(&mut reply[got..], REPLY_FDS - fds.len()) {
-                Ok((0, _)) => {
-                    return Err(ConnectError::Io(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "server closed during handshake",
-                    )))
-                }
-                Ok((n, more)) => {
-                    got += n;
-                    fds.extend(more);
-                }
-                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(SocketRecvError::Io(e)) => return Err(e.into()),
-                Err(_) => return Err(ConnectError::Descriptors("truncated or too many")),
+            let left = pending.deadline.saturating_duration_since(Instant::now());
+            let mut fds = [PollFd::new(&pending.stream, PollFlags::IN)];
+            let ts = Timespec::try_from(left).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
+            match poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(ConnectError::Io(e.into())),
             }
         }
-        let accepted = match ServerReply::decode(&reply).map_err(ConnectError::Handshake)? {
+    }
+
+    /// Completes a handshake whose reply (and descriptors) arrived: checks
+    /// everything the server sent before using any of it.
+    fn finish(stream: Stream, reply: &[u8; REPLY_LEN], fds: Vec<OwnedFd>) -> Result<Self, ConnectError> {
+        let std = stream.as_std();
+        let accepted = match ServerReply::decode(reply).map_err(ConnectError::Handshake)? {
             ServerReply::Refused(r) => return Err(ConnectError::Refused(r)),
             ServerReply::Accepted(a) => a,
         };
@@ -829,8 +926,6 @@ impl ClientChannel {
         if requests.max_record() < max || responses.max_record() < max || dispatch.max_record() < max {
             return Err(ConnectError::Ring(RingAttachError::BadMaxRecord(max)));
         }
-        std.set_read_timeout(None)?;
-        std.set_write_timeout(None)?;
         std.set_nonblocking(true)?;
         let server = stream.peer_credentials()?;
         Ok(Self {
