@@ -23,11 +23,9 @@
 #![allow(dead_code, missing_docs)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::io::{BufRead, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -154,183 +152,11 @@ pub const CLIENT_MODE: &str = "COROIPC_TEST_CLIENT_MODE";
 pub const SERVER_HELPER: &str = "common::test_server_process";
 pub const CLIENT_HELPER: &str = "common::test_client_process";
 
-/// A child process running one of this binary's helpers.
-pub struct ChildProc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    what: String,
-    /// The text of the child's ready line (`@@CLIENT_READY …`), if any.
-    pub ready: String,
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use coroipc_testkit::{field, field_opt, num, report, ChildProc};
 
 fn spawn_helper(helper: &str, envs: &[(&str, String)]) -> ChildProc {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.args(["--ignored", "--exact", helper, "--nocapture", "--test-threads=1"])
-        .env("RUST_BACKTRACE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn a child test process");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stdin = child.stdin.take();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(at) = line.find("@@") {
-                if tx.send(line[at + 2..].to_string()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    ChildProc { child, stdin, lines: rx, seen: Vec::new(), what: helper.to_string(), ready: String::new() }
-}
-
-impl ChildProc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for a line `@@<marker> …` (taking an earlier one first);
-    /// returns what follows the marker.
-    ///
-    /// # Panics
-    ///
-    /// If none comes within `timeout` or the child's stdout closes.
-    pub fn expect(&mut self, marker: &str, timeout: Duration) -> String {
-        let matches = |line: &str| {
-            line.strip_prefix(marker)
-                .filter(|rest| rest.is_empty() || rest.starts_with(' '))
-                .map(|rest| rest.trim().to_string())
-        };
-        if let Some(i) = self.seen.iter().position(|l| matches(l).is_some()) {
-            let line = self.seen.remove(i);
-            return matches(&line).expect("matched above");
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => match matches(&line) {
-                    Some(rest) => return rest,
-                    None => self.seen.push(line),
-                },
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{} {}: no @@{marker} within {timeout:?}; saw {:?}",
-                        self.what,
-                        self.pid(),
-                        self.seen
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "{} {}: stdout closed before @@{marker} (status {:?}); saw {:?}",
-                    self.what,
-                    self.pid(),
-                    self.child.try_wait(),
-                    self.seen
-                ),
-            }
-        }
-    }
-
-    /// Waits for `@@<marker>` lines whose `key` field is `value`.
-    pub fn expect_with(&mut self, marker: &str, key: &str, value: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let mut others = Vec::new();
-        let found = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no @@{marker} with {key}={value} within {timeout:?}; saw {others:?}");
-            let line = self.expect(marker, left);
-            if field(&line, key) == value {
-                break line;
-            }
-            others.push(format!("{marker} {line}"));
-        };
-        self.seen.extend(others);
-        found
-    }
-
-    /// Whether a `@@<marker>` line with `key=value` arrived by now.
-    pub fn saw(&mut self, marker: &str, key: &str, value: &str) -> bool {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        self.seen.iter().any(|l| {
-            l.strip_prefix(marker)
-                .is_some_and(|rest| rest.starts_with(' ') && field_opt(rest, key) == Some(value))
-        })
-    }
-
-    /// Sends a control line to the child's stdin.
-    pub fn send_line(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("write to child stdin");
-        stdin.flush().expect("flush child stdin");
-    }
-
-    /// Sends a control command and returns the text of its `@@<reply>`.
-    pub fn command(&mut self, line: &str, reply: &str) -> String {
-        self.send_line(line);
-        self.expect(reply, Duration::from_secs(10))
-    }
-
-    /// SIGKILL.
-    pub fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the child");
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} {} did not exit within {timeout:?}",
-                self.what,
-                self.pid()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for ChildProc {
-    fn drop(&mut self) {
-        self.stdin = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn field_opt<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-}
-
-/// `key=value` out of a marker line's text.
-pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    field_opt(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-}
-
-/// A numeric `key=value` out of a marker line's text.
-pub fn num(line: &str, key: &str) -> u64 {
-    field(line, key).parse().unwrap_or_else(|_| panic!("{key} is not a number in {line:?}"))
-}
-
-/// Prints a marker line (flushed at once).
-pub fn report(marker: &str, text: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "@@{marker} {text}");
-    let _ = out.flush();
+    coroipc_testkit::spawn(helper, envs)
 }
 
 static NEXT_ENDPOINT: AtomicU32 = AtomicU32::new(0);

@@ -24,10 +24,9 @@
 #![allow(missing_docs, dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, IoSlice, Write};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::io::{BufRead, IoSlice};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -162,187 +161,11 @@ fn env_num(key: &str) -> Option<u64> {
 // Child processes
 // ---------------------------------------------------------------------------
 
-/// A child process running one of this binary's helpers.
-pub struct ChildProc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    what: String,
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use coroipc_testkit::{field, num, report, ChildProc};
 
 pub fn spawn_helper(helper: &str, envs: &[(&str, String)]) -> ChildProc {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.args(["--ignored", "--exact", helper, "--nocapture", "--test-threads=1"])
-        .env("RUST_BACKTRACE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn a child test process");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stdin = child.stdin.take();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(at) = line.find("@@") {
-                if tx.send(line[at + 2..].to_string()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    ChildProc { child, stdin, lines: rx, seen: Vec::new(), what: helper.to_string() }
-}
-
-impl ChildProc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn matches(marker: &str, line: &str) -> Option<String> {
-        line.strip_prefix(marker)
-            .filter(|rest| rest.is_empty() || rest.starts_with(' '))
-            .map(|rest| rest.trim().to_string())
-    }
-
-    /// Waits for a line `@@<marker> …` (an earlier unclaimed one first);
-    /// returns what follows the marker.
-    ///
-    /// # Panics
-    ///
-    /// If none comes within `timeout` or the child's stdout closes.
-    pub fn expect(&mut self, marker: &str, timeout: Duration) -> String {
-        if let Some(i) = self.seen.iter().position(|l| Self::matches(marker, l).is_some()) {
-            let line = self.seen.remove(i);
-            return Self::matches(marker, &line).expect("matched above");
-        }
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => match Self::matches(marker, &line) {
-                    Some(rest) => return rest,
-                    None => self.seen.push(line),
-                },
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{} {}: no @@{marker} within {timeout:?}; saw {:?}",
-                        self.what,
-                        self.pid(),
-                        self.seen
-                    )
-                }
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "{} {}: stdout closed before @@{marker} (status {:?}); saw {:?}",
-                    self.what,
-                    self.pid(),
-                    self.child.try_wait(),
-                    self.seen
-                ),
-            }
-        }
-    }
-
-    /// Waits for a `@@<marker>` line whose `key` field is `value`.
-    pub fn expect_with(&mut self, marker: &str, key: &str, value: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let mut others = Vec::new();
-        let found = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no @@{marker} with {key}={value} within {timeout:?}; saw {others:?}");
-            let line = self.expect(marker, left);
-            if field(&line, key) == value {
-                break line;
-            }
-            others.push(format!("{marker} {line}"));
-        };
-        self.seen.extend(others);
-        found
-    }
-
-    /// All `@@<marker>` lines with `key=value` received so far (claimed).
-    pub fn take_all(&mut self, marker: &str, key: &str, value: &str) -> Vec<String> {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-        let mut out = Vec::new();
-        self.seen.retain(|l| match Self::matches(marker, l) {
-            Some(rest) if field_opt(&rest, key) == Some(value) => {
-                out.push(rest);
-                false
-            }
-            _ => true,
-        });
-        out
-    }
-
-    /// Sends a control line to the child's stdin.
-    pub fn send_line(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("write to child stdin");
-        stdin.flush().expect("flush child stdin");
-    }
-
-    /// Sends a control line and returns the text of the `@@<reply>` line.
-    pub fn command(&mut self, line: &str, reply: &str) -> String {
-        self.send_line(line);
-        self.expect(reply, T)
-    }
-
-    /// SIGKILL (`Child::kill`).
-    pub fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the child");
-    }
-
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} {} did not exit within {timeout:?}",
-                self.what,
-                self.pid()
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-}
-
-impl Drop for ChildProc {
-    fn drop(&mut self) {
-        self.stdin = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn field_opt<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace().find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-}
-
-/// `key=value` out of a marker line.
-pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    field_opt(line, key).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-}
-
-/// A numeric `key=value` out of a marker line.
-pub fn num(line: &str, key: &str) -> u64 {
-    field(line, key).parse().unwrap_or_else(|_| panic!("{key} is not a number in {line:?}"))
-}
-
-/// Prints a marker line (flushed at once).
-pub fn report(marker: &str, text: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "@@{marker} {text}");
-    let _ = out.flush();
+    coroipc_testkit::spawn(helper, envs)
 }
 
 /// The test server in a child process, with its control channel.
@@ -427,47 +250,8 @@ impl Res {
 // Measurements (of the calling process)
 // ---------------------------------------------------------------------------
 
-pub fn open_fds() -> u64 {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(1).saturating_sub(1)
-}
-
-/// `memfd:coroipc` mappings of this process: (count, bytes).
-pub fn memfd_maps() -> (u64, u64) {
-    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
-    let mut count = 0;
-    let mut bytes = 0;
-    for line in maps.lines().filter(|l| l.contains("memfd:coroipc")) {
-        if let Some((a, b)) = line.split_whitespace().next().and_then(|r| r.split_once('-')) {
-            let a = u64::from_str_radix(a, 16).unwrap_or(0);
-            let b = u64::from_str_radix(b, 16).unwrap_or(0);
-            count += 1;
-            bytes += b.saturating_sub(a);
-        }
-    }
-    (count, bytes)
-}
-
-/// A numeric field of `/proc/self/status` (kB fields in kB).
-pub fn status_field(name: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// User + system CPU time of this process in ms (`/proc/self/stat`,
-/// 100 ticks per second as on every Linux this runs on).
-pub fn cpu_ms() -> u64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields of the line.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) * 10
-}
+#[allow(unused_imports)]
+pub use coroipc_testkit::procfs::{cpu_ms, memfd_maps, open_fds, status_field};
 
 pub fn res_line(conns: usize) -> String {
     let (maps, map_bytes) = memfd_maps();

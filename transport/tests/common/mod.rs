@@ -23,10 +23,9 @@
 //! `/proc/self`, so a test can check that a server freed everything.
 #![allow(dead_code, missing_docs)]
 
-use std::io::{BufRead, BufReader, IoSlice, Read, Write};
+use std::io::{BufRead, IoSlice, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -106,38 +105,20 @@ pub fn hello(service: u16, sizes: RingSizes) -> ClientHello {
 // Measurements
 // ---------------------------------------------------------------------------
 
-/// Open descriptors of this process (`/proc/self/fd`, not counting the
-/// directory handle used to list it).
+/// Open descriptors of this process.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").expect("list /proc/self/fd").count().saturating_sub(1)
+    coroipc_testkit::procfs::open_fds() as usize
 }
 
-/// Mappings of transport segments in this process: (count, bytes), from
-/// `/proc/self/maps` lines naming `memfd:coroipc`.
+/// Mappings of transport segments in this process: (count, bytes).
 pub fn memfd_maps() -> (usize, u64) {
-    let maps = std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
-    let mut count = 0;
-    let mut bytes = 0;
-    for line in maps.lines().filter(|l| l.contains("memfd:coroipc")) {
-        let range = line.split_whitespace().next().unwrap_or("");
-        if let Some((a, b)) = range.split_once('-') {
-            let a = u64::from_str_radix(a, 16).unwrap_or(0);
-            let b = u64::from_str_radix(b, 16).unwrap_or(0);
-            count += 1;
-            bytes += b.saturating_sub(a);
-        }
-    }
-    (count, bytes)
+    let (count, bytes) = coroipc_testkit::procfs::memfd_maps();
+    (count as usize, bytes)
 }
 
 /// A field of `/proc/self/status` in kB (e.g. `RssShmem`, `VmSize`).
 pub fn status_kb(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    coroipc_testkit::procfs::status_field(field)
 }
 
 /// What [`resources`] measures.
@@ -224,153 +205,14 @@ pub const HELLO_BYTES: &str = "COROIPC_TEST_HELLO_BYTES";
 /// The name of the `#[ignore]` helper test every test file defines.
 pub const CHILD_TEST: &str = "child";
 
-/// A child process running this test binary's helper test in some role.
-pub struct ChildProc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    seen: Vec<String>,
-    role: String,
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use coroipc_testkit::{field, num, report, ChildProc};
 
 /// Spawns this test binary's [`CHILD_TEST`] helper as `role`, with `envs`.
 pub fn spawn_child(role: &str, envs: &[(&str, String)]) -> ChildProc {
-    let exe = std::env::current_exe().expect("current_exe");
-    let mut cmd = Command::new(exe);
-    cmd.args(["--ignored", "--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env("RUST_BACKTRACE", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("spawn child test process");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let stdin = child.stdin.take();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(at) = line.find("@@") {
-                if tx.send(line[at + 2..].to_string()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    ChildProc { child, stdin, lines: rx, seen: Vec::new(), role: role.to_string() }
-}
-
-impl ChildProc {
-    /// The child's process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Waits for a line `@@<marker> ...`; returns what follows the marker.
-    /// Lines with other markers are kept in [`seen`](Self::seen).
-    ///
-    /// # Panics
-    ///
-    /// If it does not come within `timeout` or the child's stdout closes.
-    pub fn expect(&mut self, marker: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(rest) = line.strip_prefix(marker) {
-                        if rest.is_empty() || rest.starts_with(' ') {
-                            return rest.trim().to_string();
-                        }
-                    }
-                    self.seen.push(line);
-                }
-                Err(RecvTimeoutError::Timeout) => panic!(
-                    "{} child {}: no @@{marker} within {timeout:?}; saw {:?}",
-                    self.role,
-                    self.pid(),
-                    self.seen
-                ),
-                Err(RecvTimeoutError::Disconnected) => panic!(
-                    "{} child {}: stdout closed before @@{marker} (status {:?}); saw {:?}",
-                    self.role,
-                    self.pid(),
-                    self.child.try_wait(),
-                    self.seen
-                ),
-            }
-        }
-    }
-
-    /// Marker lines received so far that no [`expect`](Self::expect) took.
-    pub fn seen(&self) -> &[String] {
-        &self.seen
-    }
-
-    /// Sends a line to the child's stdin.
-    pub fn send_line(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("write to child stdin");
-        stdin.flush().expect("flush child stdin");
-    }
-
-    /// Whether the child has not exited yet.
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    /// Sends SIGKILL; returns the instant just before the signal.
-    pub fn kill(&mut self) -> Instant {
-        let at = Instant::now();
-        self.child.kill().expect("SIGKILL the child");
-        at
-    }
-
-    /// Waits for the child to exit.
-    ///
-    /// # Panics
-    ///
-    /// If it does not exit within `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{} child {} did not exit", self.role, self.pid());
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-}
-
-impl Drop for ChildProc {
-    fn drop(&mut self) {
-        self.stdin = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Parses `key=value` out of a marker line's text.
-pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
-}
-
-/// Parses a numeric `key=value` out of a marker line's text.
-pub fn num(line: &str, key: &str) -> u64 {
-    field(line, key).parse().unwrap_or_else(|_| panic!("{key} is not a number in {line:?}"))
-}
-
-/// Prints a marker line (flushed at once).
-pub fn report(marker: &str, text: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "@@{marker} {text}");
-    let _ = out.flush();
+    let mut all = vec![(ROLE, role.to_string())];
+    all.extend(envs.iter().map(|(k, v)| (*k, v.clone())));
+    coroipc_testkit::spawn(CHILD_TEST, &all)
 }
 
 /// Blocks until stdin closes (the parent went away) or a line arrives;
