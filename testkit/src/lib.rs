@@ -15,3 +15,26 @@ pub mod child;
 pub mod procfs;
 
 pub use child::{field, field_opt, num, report, spawn, ChildProc};
+
+/// Little-endian `u32`s, concatenated (a test payload).
+pub fn u32s(values: &[u32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The little-endian `u32` at `at`.
+///
+/// # Panics
+///
+/// If `b` is too short.
+pub fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// The little-endian `u64` at `at`.
+///
+/// # Panics
+///
+/// If `b` is too short.
+pub fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}

@@ -120,17 +120,8 @@ pub const DISPATCH_LATE: u32 = 103;
 /// [`SVC_COUNTER`]'s notification: the new value (`u64` LE).
 pub const DISPATCH_COUNTER: u32 = 200;
 
-pub fn u32s(values: &[u32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-pub fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-pub fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
+#[allow(unused_imports)]
+pub use coroipc_testkit::{le_u32, le_u64, u32s};
 
 // ---------------------------------------------------------------------------
 // Child processes

@@ -96,17 +96,8 @@ pub const DISPATCH_TICKLE: u32 = 103;
 /// Message header length (`coroipc_transport::message::HEADER_LEN`).
 pub const HDR: usize = 16;
 
-pub fn u32s(values: &[u32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-pub fn le_u32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-pub fn le_u64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
+#[allow(unused_imports)]
+pub use coroipc_testkit::{le_u32, le_u64, u32s};
 
 /// A payload of `len` bytes that depends on `tag` in every byte, so a torn,
 /// shifted or stale message is caught.
