@@ -12,7 +12,7 @@ use crate::header::{align8, positions_ok, RingRef, RECORD_HEADER};
 use crate::record::{Kind, RecordHeader};
 use crate::region::Region;
 use crate::sync::{fence, Ordering};
-use crate::wait::{WaitHandle, WaitPoint};
+use crate::wait::{Notify, WaitHandle, WaitPoint};
 
 /// The reading end of a ring. `Send`, not `Sync`: one consumer per ring.
 #[derive(Debug)]
@@ -212,14 +212,28 @@ impl Consumer {
     /// of the flow-control handshake.
     #[inline]
     fn publish_head(&mut self) -> FlowChange {
+        self.publish_head_fenced(false)
+    }
+
+    /// [`publish_head`](Self::publish_head); with `always_fence` the
+    /// `fence(SeqCst)` is issued even without watermarks, so that a caller
+    /// can follow with [`WaitPoint::notify_fenced`] (one fence serving the
+    /// FLOW and the ANNOUNCE handshakes).
+    #[inline]
+    fn publish_head_fenced(&mut self, always_fence: bool) -> FlowChange {
         // SYNC HEAD: pairs with the producers' Acquire load; our reads of the
         // released bytes happen before they are overwritten.
         self.ring.header().head.0.store(self.head, Ordering::Release);
         let Some(w) = self.ring.layout.watermarks else {
+            if always_fence {
+                // SYNC ANNOUNCE (for the caller's `notify_fenced`).
+                fence(Ordering::SeqCst);
+            }
             return FlowChange::None;
         };
         // SYNC FLOW: orders the head store before the state load; pairs with
-        // the producer's fence between raising and re-reading head.
+        // the producer's fence between raising and re-reading head. Also
+        // serves as SYNC ANNOUNCE for a following `notify_fenced`.
         fence(Ordering::SeqCst);
         if FlowState::from_word(self.ring.header().flow.0.load(Ordering::Relaxed)) == FlowState::Off {
             return FlowChange::None;
@@ -358,6 +372,22 @@ impl<'a> ReadGrant<'a> {
         if std::mem::take(&mut self.consumer.unreported_clear) {
             return FlowChange::Cleared;
         }
+        change
+    }
+
+    /// [`release`](Self::release), then wakes producers waiting for space
+    /// ([`Consumer::space_wait`]) through `notifier` — with a single
+    /// `fence(SeqCst)` for the flow-control and the wait handshakes, where
+    /// `release` followed by `space_wait().notify(..)` issues two.
+    #[inline]
+    pub fn release_notify<N: Notify + ?Sized>(self, notifier: &N) -> FlowChange {
+        let consumer = self.consumer;
+        consumer.head = self.next;
+        let mut change = consumer.publish_head_fenced(true);
+        if std::mem::take(&mut consumer.unreported_clear) {
+            change = FlowChange::Cleared;
+        }
+        consumer.space_wait().notify_fenced(notifier);
         change
     }
 }

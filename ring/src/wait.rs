@@ -173,6 +173,18 @@ impl<'a> WaitPoint<'a> {
         true
     }
 
+    /// [`notify`](Self::notify) for a caller that has just issued the
+    /// `fence(SeqCst)` after publishing (e.g. `ReadGrant::release_notify`).
+    #[inline]
+    pub(crate) fn notify_fenced<N: Notify + ?Sized>(&self, notifier: &N) -> bool {
+        let waiters = self.words.waiters.load(Ordering::Relaxed);
+        if waiters == 0 {
+            return false;
+        }
+        self.notify_slow(notifier, waiters);
+        true
+    }
+
     #[cold]
     fn notify_slow<N: Notify + ?Sized>(&self, notifier: &N, waiters: u32) {
         self.words.epoch.fetch_add(1, Ordering::Release);

@@ -456,9 +456,8 @@ impl ServerChannel {
         // pass over each megabyte).
         buf.resize(grant.len(), 0);
         grant.copy_to(buf);
-        let _ = grant.release();
-        // A client blocked on a full request ring waits for this space.
-        side.consumer.space_wait().notify(&self.request_bell);
+        // Frees the space and wakes a client blocked on a full request ring.
+        let _ = grant.release_notify(&self.request_bell);
         Ok(true)
     }
 
@@ -1153,7 +1152,10 @@ impl ClientChannel {
     pub fn release_response(&mut self) {
         self.current_response = None;
         if let Ok(g) = self.responses.try_peek() {
-            let _ = g.release();
+            // A server thread may be waiting for room to answer (a deferred
+            // response on a full ring): without this wake it would only see
+            // the space at its next liveness slice.
+            let _ = g.release_notify(&self.response_bell);
         }
     }
 
@@ -1248,8 +1250,9 @@ impl ClientChannel {
     pub fn release_dispatch(&mut self) {
         self.current_dispatch = None;
         if let Ok(g) = self.dispatch.try_peek() {
-            let _ = g.release();
-            self.dispatch.space_wait().notify(&self.dispatch_bell);
+            // Frees the space and wakes a server thread waiting for room,
+            // with one fence for both handshakes.
+            let _ = g.release_notify(&self.dispatch_bell);
         }
     }
 
