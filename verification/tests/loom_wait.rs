@@ -53,6 +53,47 @@ fn producer_waiting_for_space_is_always_woken() {
     });
 }
 
+/// The same with `ReadGrant::release_notify`, which publishes the head and
+/// checks for waiting producers behind a single fence (with watermarks on,
+/// so the fence also serves the flow-control handshake).
+#[test]
+fn release_notify_wakes_a_producer_waiting_for_space() {
+    loom::model(|| {
+        let config = RingConfig::new(64).with_watermarks(coroipc_ring::Watermarks { high: 64, low: 32 });
+        let region = new_ring(&config);
+        let futex = Arc::new(LoomFutex::new());
+        let mut tx = producer(&region);
+        let tx_view = producer(&region);
+        let mut rx = consumer(&region);
+        tx.try_push(&payload(0, 0, 24)).expect("empty ring has room");
+        tx.try_push(&payload(0, 1, 24)).expect("half-full ring has room");
+        assert_eq!(tx.try_push(&payload(0, 2, 8)), Err(PushError::Full), "the ring must be full");
+
+        let notifier = futex.clone();
+        let reader = thread::spawn(move || {
+            let grant = rx.try_peek().expect("the ring is full");
+            let bytes = grant.to_vec();
+            let _ = grant.release_notify(&*notifier);
+            assert_eq!(decode(&bytes), (0, 0), "first record first");
+            rx
+        });
+
+        let record = payload(0, 2, 8);
+        loop {
+            match tx.try_push(&record) {
+                Ok(_) => break,
+                Err(PushError::Full) => {
+                    tx_view.space_wait().wait_once(&*futex, || tx.can_reserve(record.len()), None);
+                }
+                Err(e) => panic!("push on a healthy ring must only fail Full, got {e:?}"),
+            }
+        }
+        let mut rx = reader.join().expect("consumer thread");
+        assert_eq!(decode(&rx.try_pop_vec().expect("second record")), (0, 1), "order kept");
+        assert_eq!(decode(&rx.try_pop_vec().expect("third record")), (0, 2), "order kept");
+    });
+}
+
 #[test]
 fn both_directions_at_once_lose_no_wake_up() {
     // Producer pushes two 32-byte records into a 64-byte ring and then a
