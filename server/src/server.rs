@@ -217,6 +217,15 @@ fn servable(conn: &Connection) -> bool {
     c.has_request() && !c.request_paused() && c.response_space_for(c.max_message())
 }
 
+/// Whether the polling loop should stop spinning for `conn`: it has work,
+/// or its client closed the connection (then `serve` closes it at once,
+/// instead of spinning out the budget on a dead connection and noticing
+/// the hang-up only through epoll — which delayed every `connect` cycle by
+/// the spin budget).
+fn needs_attention(conn: &Connection) -> bool {
+    servable(conn) || conn.inner.channel.peer_closed()
+}
+
 struct Entry {
     conn: Connection,
     service: Arc<dyn ServiceDyn>,
@@ -683,6 +692,10 @@ impl Server {
             self.close_connection(id, poller, "disconnected by the server");
             return 0;
         }
+        if channel.peer_closed() && !channel.has_request() {
+            self.close_connection(id, poller, "client closed the connection");
+            return 0;
+        }
         if channel.request_paused() {
             return 0;
         }
@@ -810,7 +823,7 @@ impl Server {
         // connection `serve` closes meanwhile is skipped by every later use.
         let mut active = std::mem::take(&mut self.active);
         let conns = &self.conns;
-        let mut ready = || active.iter().any(|id| conns.get(id).is_some_and(|e| servable(&e.conn)));
+        let mut ready = || active.iter().any(|id| conns.get(id).is_some_and(|e| needs_attention(&e.conn)));
         if !spin_until(&mut ready, self.spin) {
             self.active = active;
             return false;

@@ -631,6 +631,13 @@ impl ServerChannel {
         self.control().request_paused()
     }
 
+    /// Whether the client marked the connection closed (a clean
+    /// disconnect): one load of its state word, no syscall — cheap enough
+    /// for a loop that polls its busy connections.
+    pub fn peer_closed(&self) -> bool {
+        !self.control().is_open(Side::Client)
+    }
+
     /// Whether the client is still there (state word and socket).
     pub fn peer_alive(&self) -> bool {
         self.liveness().peer_alive()
