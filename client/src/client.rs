@@ -752,10 +752,15 @@ impl Client {
     ///
     /// As [`recv_dispatch`](Self::recv_dispatch).
     pub fn recv_dispatch_in_place(&self, timeout: Option<Duration>) -> Result<DispatchGuard<'_>> {
-        // The common case — a message is waiting — reads no clock. (Two
-        // attempts because a guard borrows `self` for its whole life.)
-        if self.lock().peek_dispatch(Duration::ZERO).is_ok() {
-            return self.try_recv_dispatch_in_place();
+        // The common case — a message is waiting — reads no clock and takes
+        // the lock once.
+        {
+            let mut inner = self.lock();
+            match inner.peek_dispatch(Duration::ZERO) {
+                Ok(info) => return Ok(DispatchGuard { inner, info }),
+                Err(Error::TryAgain) => {}
+                Err(e) => return Err(e),
+            }
         }
         let deadline = deadline(timeout);
         let spin = self.spin_budget();
