@@ -229,6 +229,32 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// A deadline read off the clock only when a wait is actually needed (the
+/// common case — an answer that is already there — reads no clock; clock
+/// reads showed at 12% of the pipelined profile).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Deadline {
+    timeout: Option<Duration>,
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    pub(crate) fn new(timeout: Option<Duration>) -> Self {
+        Self { timeout, at: None }
+    }
+
+    /// Whether the caller asked not to wait at all.
+    fn is_now(&self) -> bool {
+        self.timeout == Some(Duration::ZERO)
+    }
+
+    /// The deadline, fixed the first time it is asked for.
+    fn get(&mut self) -> Option<Instant> {
+        let t = self.timeout?;
+        Some(*self.at.get_or_insert_with(|| Instant::now() + t))
+    }
+}
+
 fn deadline(timeout: Option<Duration>) -> Option<Instant> {
     timeout.map(|t| Instant::now() + t)
 }
@@ -296,7 +322,7 @@ impl Inner {
         command: u16,
         flags: u32,
         parts: &[IoSlice<'_>],
-        deadline: Option<Instant>,
+        deadline: &mut Deadline,
     ) -> Result<u64> {
         let seq = self.next_seq;
         let header = MessageHeader { id: u32::from(command), flags, seq }.encode();
@@ -312,9 +338,9 @@ impl Inner {
             heap = [&[IoSlice::new(&header)][..], parts].concat();
             &heap
         };
-        match deadline {
-            Some(d) if d <= Instant::now() => self.channel.try_send(iov)?,
-            _ => self.channel.send(iov, deadline)?,
+        match self.channel.try_send(iov) {
+            Err(ChannelError::TryAgain) if !deadline.is_now() => self.channel.send(iov, deadline.get())?,
+            other => other?,
         }
         self.next_seq += 1;
         Ok(seq)
@@ -371,12 +397,12 @@ impl Inner {
     }
 
     /// Waits for the response to `seq` (see [`poll_response`](Self::poll_response)).
-    fn await_response(&mut self, seq: u64, deadline: Option<Instant>) -> Result<(Status, usize)> {
+    fn await_response(&mut self, seq: u64, deadline: &mut Deadline) -> Result<(Status, usize)> {
         loop {
             if let Some(r) = self.poll_response(seq)? {
                 return Ok(r);
             }
-            self.channel.wait_response(deadline)?;
+            self.channel.wait_response(deadline.get())?;
         }
     }
 
@@ -526,10 +552,10 @@ impl Client {
         response: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<usize> {
-        let deadline = deadline(timeout);
+        let mut deadline = Deadline::new(timeout);
         let mut inner = self.lock();
-        let seq = inner.send(command, 0, request, deadline)?;
-        let (status, len) = inner.await_response(seq, deadline)?;
+        let seq = inner.send(command, 0, request, &mut deadline)?;
+        let (status, len) = inner.await_response(seq, &mut deadline)?;
         inner.copy_response(seq, status, len, response, false)
     }
 
@@ -547,10 +573,10 @@ impl Client {
         request: &[IoSlice<'_>],
         timeout: Option<Duration>,
     ) -> Result<ResponseGuard<'_>> {
-        let deadline = deadline(timeout);
+        let mut deadline = Deadline::new(timeout);
         let mut inner = self.lock();
-        let seq = inner.send(command, 0, request, deadline)?;
-        let (status, _) = inner.await_response(seq, deadline)?;
+        let seq = inner.send(command, 0, request, &mut deadline)?;
+        let (status, _) = inner.await_response(seq, &mut deadline)?;
         if let Some(e) = Error::from_status(status) {
             inner.channel.release_response();
             return Err(e);
@@ -568,12 +594,12 @@ impl Client {
     /// zero timeout) the ring is full or request flow control is on;
     /// `Timeout`, `TooBig`, `ConnectionLost`.
     pub fn send(&self, command: u16, request: &[IoSlice<'_>], timeout: Option<Duration>) -> Result<Ticket> {
-        let deadline = deadline(timeout);
+        let mut deadline = Deadline::new(timeout);
         let mut inner = self.lock();
         if inner.outstanding.len() >= inner.max_in_flight {
             return Err(Error::TryAgain);
         }
-        let seq = inner.send(command, 0, request, deadline)?;
+        let seq = inner.send(command, 0, request, &mut deadline)?;
         inner.outstanding.insert(seq);
         Ok(Ticket(seq))
     }
@@ -589,8 +615,8 @@ impl Client {
         request: &[IoSlice<'_>],
         timeout: Option<Duration>,
     ) -> Result<()> {
-        let deadline = deadline(timeout);
-        self.lock().send(command, FLAG_ONEWAY, request, deadline).map(|_| ())
+        let mut deadline = Deadline::new(timeout);
+        self.lock().send(command, FLAG_ONEWAY, request, &mut deadline).map(|_| ())
     }
 
     /// Collects the response of `ticket` into `response`.
@@ -600,7 +626,7 @@ impl Client {
     /// As [`call`](Self::call); `Invalid` for a ticket that is not
     /// outstanding; `Timeout` (the ticket stays outstanding).
     pub fn wait(&self, ticket: Ticket, response: &mut [u8], timeout: Option<Duration>) -> Result<usize> {
-        let deadline = deadline(timeout);
+        let mut deadline = Deadline::new(timeout);
         let mut inner = self.lock();
         if !inner.outstanding.contains(&ticket.0) {
             return Err(Error::Invalid);
@@ -609,7 +635,7 @@ impl Client {
             inner.outstanding.remove(&ticket.0);
             return inner.copy_stashed(ticket.0, status, payload, response);
         }
-        let (status, len) = inner.await_response(ticket.0, deadline)?;
+        let (status, len) = inner.await_response(ticket.0, &mut deadline)?;
         inner.outstanding.remove(&ticket.0);
         inner.copy_response(ticket.0, status, len, response, true)
     }
@@ -626,7 +652,7 @@ impl Client {
         response: &mut [u8],
         timeout: Option<Duration>,
     ) -> Result<(Ticket, Result<usize>)> {
-        let deadline = deadline(timeout);
+        let mut deadline = Deadline::new(timeout);
         let mut inner = self.lock();
         if let Some(&seq) = inner.arrived.keys().next() {
             let (status, payload) = inner.arrived.remove(&seq).expect("key exists");
@@ -642,7 +668,7 @@ impl Client {
                 let result = inner.copy_response(seq, status, len, response, true);
                 return Ok((Ticket(seq), result));
             }
-            inner.channel.wait_response(deadline)?;
+            inner.channel.wait_response(deadline.get())?;
         }
     }
 

@@ -16,14 +16,14 @@ use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_core::Stream;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use crate::client::{ClientBuilder, Inner};
+use crate::client::{ClientBuilder, Deadline, Inner};
 use crate::error::{Error, Result};
 use crate::Status;
 
@@ -142,8 +142,9 @@ impl AsyncClient {
             {
                 let mut inner = self.lock();
                 if inner.outstanding.len() < inner.max_in_flight {
-                    // A deadline of "now" makes the send non-blocking.
-                    match inner.send(command, 0, &[IoSlice::new(request)], Some(Instant::now())) {
+                    // A zero timeout makes the send non-blocking.
+                    let mut now = Deadline::new(Some(Duration::ZERO));
+                    match inner.send(command, 0, &[IoSlice::new(request)], &mut now) {
                         Ok(seq) => {
                             inner.outstanding.insert(seq);
                             return Ok(seq);

@@ -517,7 +517,8 @@ impl ServerChannel {
     pub fn send_response(&self, parts: &[IoSlice<'_>], timeout: Duration) -> Result<(), ChannelError> {
         let max = self.max_message();
         let mut responses = lock(&self.responses);
-        let deadline = Instant::now() + timeout;
+        // The clock is read only if the ring is full.
+        let mut deadline = None;
         loop {
             match responses.try_push_vectored(parts) {
                 Ok(_) => {
@@ -526,6 +527,7 @@ impl ServerChannel {
                 }
                 Err(PushError::Full) => {
                     let len: usize = parts.iter().map(|p| p.len()).sum();
+                    let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
                     let point = responses.space_wait();
                     wait_until(
                         point,
