@@ -16,10 +16,14 @@ fn consumer_waiting_for_data_is_always_woken() {
     loom::model(models::consumer_waits_for_data);
 }
 
-#[test]
-fn producer_waiting_for_space_is_always_woken() {
-    loom::model(|| {
-        let region = new_ring(&RingConfig::new(64));
+/// A producer fills a 64-byte ring, then waits for space while a consumer
+/// frees one record with `free` (which must wake it).
+fn producer_waits_for_space(
+    config: RingConfig,
+    free: fn(&mut coroipc_ring::Consumer, &LoomFutex) -> Vec<u8>,
+) {
+    loom::model(move || {
+        let region = new_ring(&config);
         let futex = Arc::new(LoomFutex::new());
         let mut tx = producer(&region);
         let tx_view = producer(&region);
@@ -31,9 +35,8 @@ fn producer_waiting_for_space_is_always_woken() {
 
         let notifier = futex.clone();
         let reader = thread::spawn(move || {
-            let bytes = rx.try_pop_vec().expect("the ring is full");
+            let bytes = free(&mut rx, &notifier);
             assert_eq!(decode(&bytes), (0, 0), "first record first");
-            rx.space_wait().notify(&*notifier);
             rx
         });
 
@@ -53,44 +56,26 @@ fn producer_waiting_for_space_is_always_woken() {
     });
 }
 
+#[test]
+fn producer_waiting_for_space_is_always_woken() {
+    producer_waits_for_space(RingConfig::new(64), |rx, futex| {
+        let bytes = rx.try_pop_vec().expect("the ring is full");
+        rx.space_wait().notify(futex);
+        bytes
+    });
+}
+
 /// The same with `ReadGrant::release_notify`, which publishes the head and
 /// checks for waiting producers behind a single fence (with watermarks on,
 /// so the fence also serves the flow-control handshake).
 #[test]
 fn release_notify_wakes_a_producer_waiting_for_space() {
-    loom::model(|| {
-        let config = RingConfig::new(64).with_watermarks(coroipc_ring::Watermarks { high: 64, low: 32 });
-        let region = new_ring(&config);
-        let futex = Arc::new(LoomFutex::new());
-        let mut tx = producer(&region);
-        let tx_view = producer(&region);
-        let mut rx = consumer(&region);
-        tx.try_push(&payload(0, 0, 24)).expect("empty ring has room");
-        tx.try_push(&payload(0, 1, 24)).expect("half-full ring has room");
-        assert_eq!(tx.try_push(&payload(0, 2, 8)), Err(PushError::Full), "the ring must be full");
-
-        let notifier = futex.clone();
-        let reader = thread::spawn(move || {
-            let grant = rx.try_peek().expect("the ring is full");
-            let bytes = grant.to_vec();
-            let _ = grant.release_notify(&*notifier);
-            assert_eq!(decode(&bytes), (0, 0), "first record first");
-            rx
-        });
-
-        let record = payload(0, 2, 8);
-        loop {
-            match tx.try_push(&record) {
-                Ok(_) => break,
-                Err(PushError::Full) => {
-                    tx_view.space_wait().wait_once(&*futex, || tx.can_reserve(record.len()), None);
-                }
-                Err(e) => panic!("push on a healthy ring must only fail Full, got {e:?}"),
-            }
-        }
-        let mut rx = reader.join().expect("consumer thread");
-        assert_eq!(decode(&rx.try_pop_vec().expect("second record")), (0, 1), "order kept");
-        assert_eq!(decode(&rx.try_pop_vec().expect("third record")), (0, 2), "order kept");
+    let config = RingConfig::new(64).with_watermarks(coroipc_ring::Watermarks { high: 64, low: 32 });
+    producer_waits_for_space(config, |rx, futex| {
+        let grant = rx.try_peek().expect("the ring is full");
+        let bytes = grant.to_vec();
+        let _ = grant.release_notify(futex);
+        bytes
     });
 }
 
