@@ -498,6 +498,16 @@ impl ServerChannel {
         .map_err(Into::into)
     }
 
+    /// [`disarm`](Self::disarm) without draining the request bell, for an
+    /// event loop that watches it edge-triggered (then a pending count in
+    /// the eventfd does no harm, and the `read` is saved).
+    pub fn disarm_without_drain(&self) {
+        let mut side = lock(&self.requests);
+        if let Some(a) = side.armed.take() {
+            side.consumer.data_wait().cancel(a);
+        }
+    }
+
     /// Withdraws the announcement made by [`arm`](Self::arm) and drains the
     /// request bell (after the event loop woke up).
     pub fn disarm(&self) {
