@@ -29,13 +29,11 @@ const SCRIBBLE_FOR: Duration = Duration::from_secs(3);
 const TARGET: &str = "COROIPC_TEST_TARGET";
 
 /// Byte offsets of a ring header's fields (coroipc-ring's `header.rs`).
-const RING_CONFIG: (u64, u64) = (0, 48);
-const RING_TAIL: u64 = 128;
-const RING_HEAD: u64 = 256;
-const RING_DATA_WAIT: u64 = 384;
-const RING_SPACE_WAIT: u64 = 512;
-const RING_FLOW: u64 = 640;
-const RING_DATA: u64 = 768;
+use coroipc_testkit::ring_layout::{
+    CONFIG as RING_CONFIG, DATA as RING_DATA, DATA_WAIT as RING_DATA_WAIT, FLOW as RING_FLOW,
+    HEAD as RING_HEAD, SPACE_WAIT as RING_SPACE_WAIT, TAIL as RING_TAIL,
+};
+use coroipc_testkit::Garbage;
 
 /// What the server must make of garbage in a part of the segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,29 +90,6 @@ fn child() {
     });
 }
 
-/// xorshift64*, with a bias towards values that break invariants.
-struct Garbage(u64);
-
-impl Garbage {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn word(&mut self) -> u64 {
-        const INTERESTING: [u64; 12] =
-            [0, 1, 7, 8, 4095, 4096, 1 << 32, 1 << 63, u64::MAX, u64::MAX - 7, 0xffff_ffff, 0x1_0000_0008];
-        let r = self.next();
-        if r % 2 == 0 {
-            INTERESTING[(r >> 8) as usize % INTERESTING.len()]
-        } else {
-            self.next()
-        }
-    }
-}
-
 /// The 8-aligned byte ranges `target` scribbles over.
 fn target_ranges(target: &str, a: &coroipc_transport::handshake::Accepted) -> Vec<(u64, u64)> {
     let l = a.layout;
@@ -139,11 +114,12 @@ fn target_ranges(target: &str, a: &coroipc_transport::handshake::Accepted) -> Ve
     }
 }
 
-/// The hostile child: a hand-made handshake, then garbage.
-fn hostile_client() {
-    let ep = env_endpoint();
-    let target = std::env::var(TARGET).expect("target");
-    let stream = Stream::connect(&ep).expect("connect");
+/// A handshake by hand, as a hostile client does it (no `ClientChannel`, so
+/// nothing stops it from scribbling): the stream, the accepted layout, the
+/// mapped segment and the three bell descriptors.
+fn raw_handshake(
+) -> (Stream, coroipc_transport::handshake::Accepted, Segment, std::vec::IntoIter<std::os::fd::OwnedFd>) {
+    let stream = Stream::connect(&env_endpoint()).expect("connect");
     stream.send_with_fds(&hello(SERVICE_ECHO, SMALL).encode(), &[]).expect("send hello");
     let mut reply = [0u8; REPLY_LEN];
     let fds = stream.recv_exact_with_fds(&mut reply, 4).expect("reply");
@@ -151,8 +127,15 @@ fn hostile_client() {
         panic!("refused")
     };
     let mut fds = fds.into_iter();
-    let segment =
-        Arc::new(Segment::from_fd(fds.next().unwrap(), accepted.layout.segment_len).expect("segment"));
+    let segment = Segment::from_fd(fds.next().unwrap(), accepted.layout.segment_len).expect("segment");
+    (stream, accepted, segment, fds)
+}
+
+/// The hostile child: a hand-made handshake, then garbage.
+fn hostile_client() {
+    let target = std::env::var(TARGET).expect("target");
+    let (stream, accepted, segment, mut fds) = raw_handshake();
+    let segment = Arc::new(segment);
     let request_bell = EventFd::from_fd(fds.next().unwrap()).expect("request eventfd");
     let region: Arc<dyn RingRegion> = segment.clone();
     let r = accepted.layout.request;
@@ -293,16 +276,7 @@ const THEN: &str = "COROIPC_TEST_THEN";
 /// server notification writes to an eventfd.
 fn blocking_bells_client() {
     use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
-    let ep = env_endpoint();
-    let stream = Stream::connect(&ep).expect("connect");
-    stream.send_with_fds(&hello(SERVICE_ECHO, SMALL).encode(), &[]).expect("send hello");
-    let mut reply = [0u8; REPLY_LEN];
-    let fds = stream.recv_exact_with_fds(&mut reply, 4).expect("reply");
-    let ServerReply::Accepted(accepted) = ServerReply::decode(&reply).expect("decodes") else {
-        panic!("refused")
-    };
-    let mut fds = fds.into_iter();
-    let segment = Segment::from_fd(fds.next().unwrap(), accepted.layout.segment_len).expect("segment");
+    let (_stream, accepted, segment, fds) = raw_handshake();
     let bells: Vec<_> = fds.collect();
     for fd in &bells {
         let flags = fcntl_getfl(fd).expect("getfl");

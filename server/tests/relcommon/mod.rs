@@ -726,34 +726,10 @@ pub fn message(command: u16, seq: u64, payload: &[u8]) -> Vec<u8> {
     m
 }
 
-/// xorshift64*, biased towards values that break invariants.
-pub struct Garbage(pub u64);
-
-impl Garbage {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn word(&mut self) -> u64 {
-        const INTERESTING: [u64; 12] =
-            [0, 1, 7, 8, 4095, 4096, 1 << 32, 1 << 63, u64::MAX, u64::MAX - 7, 0xffff_ffff, 0x1_0000_0008];
-        let r = self.next();
-        if r % 2 == 0 {
-            INTERESTING[(r >> 8) as usize % INTERESTING.len()]
-        } else {
-            self.next()
-        }
-    }
-}
-
-/// Byte offsets of a ring header's fields (`coroipc-ring`'s `header.rs`),
-/// as the transport's hostile-client suite uses them.
-pub const RING_TAIL: u64 = 128;
-pub const RING_HEAD: u64 = 256;
-pub const RING_DATA_WAIT: u64 = 384;
-pub const RING_SPACE_WAIT: u64 = 512;
-pub const RING_FLOW: u64 = 640;
-pub const RING_DATA: u64 = 768;
+#[allow(unused_imports)]
+pub use coroipc_testkit::ring_layout::{
+    DATA as RING_DATA, DATA_WAIT as RING_DATA_WAIT, FLOW as RING_FLOW, HEAD as RING_HEAD,
+    SPACE_WAIT as RING_SPACE_WAIT, TAIL as RING_TAIL,
+};
+#[allow(unused_imports)]
+pub use coroipc_testkit::Garbage;
