@@ -721,7 +721,20 @@ impl Server {
             }
         }
         if let Some(auth) = &self.auth {
-            auth(&pending.peer(), service)?;
+            let peer = pending.peer();
+            let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| auth(&peer, service)));
+            match verdict {
+                Ok(v) => v?,
+                Err(p) => {
+                    // A panicking decision is no "yes": refuse this client only.
+                    log::error!(
+                        "the authentication callback panicked (pid {:?}): {}",
+                        peer.pid,
+                        crate::service::panic_text(&*p)
+                    );
+                    return Err(Refusal::AccessDenied);
+                }
+            }
         }
         Ok(svc.clone())
     }

@@ -87,6 +87,29 @@ pub const CMD_STATS: u16 = 9;
 /// the first "try again"; answers the number sent (`u32`).
 pub const CMD_TICKLE: u16 = 11;
 
+/// Panics in the handler (the call must still be answered, the server must
+/// carry on).
+pub const CMD_PANIC: u16 = 12;
+/// Defers, then panics with the `Responder` still held: unwinding drops it,
+/// which must still answer.
+pub const CMD_PANIC_DEFERRED: u16 = 13;
+/// Payload `code: u32`: `respond_status(Status::Service(code))`; if the
+/// server refuses the status, answers the payload `refused` instead.
+pub const CMD_STATUS: u16 = 14;
+/// Payload `len: u32, ms: u32`: defers and answers `len` bytes `ms` later
+/// from another thread (which waits for ring space if the client does not
+/// read); reports `@@DEFER_DONE result=`.
+pub const CMD_DEFER_NOW: u16 = 15;
+/// Panics in the admission callback.
+pub const CMD_ADMIT_PANIC: u16 = 16;
+/// Makes this connection's disconnect callback panic.
+pub const CMD_PANIC_ON_DISCONNECT: u16 = 17;
+
+/// A service whose connect callback panics.
+pub const SVC_CONNECT_PANIC: u16 = 4;
+/// A service for which the authentication callback panics.
+pub const SVC_AUTH_PANIC: u16 = 5;
+
 /// Dispatched by [`SVC_REL`]'s connect callback: the connection id (`u64`).
 pub const DISPATCH_WELCOME: u32 = 100;
 pub const DISPATCH_STORM: u32 = 101;
@@ -267,6 +290,7 @@ pub fn res_line(conns: usize) -> String {
 
 struct RelState {
     id: u64,
+    panic_on_disconnect: bool,
 }
 
 /// Process-wide state of the server child.
@@ -287,10 +311,20 @@ fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
         // Dispatch from inside the connect callback.
         let r = conn.try_dispatch(DISPATCH_WELCOME, &conn.id().to_le_bytes());
         report("CONNECTED", &format!("id={} welcome={r:?}", conn.id()));
-        Ok(RelState { id: conn.id() })
+        Ok(RelState { id: conn.id(), panic_on_disconnect: false })
+    })
+    .admission(|request, _state, _conn| {
+        if request.command() == CMD_ADMIT_PANIC {
+            panic!("test: admission callback panics");
+        }
+        coroipc_server::Admission::Allow
     })
     .on_disconnect(move |conn, state| {
         assert_eq!(conn.id(), state.id, "the state belongs to its connection");
+        if state.panic_on_disconnect {
+            report("DISC_PANIC", &format!("id={}", conn.id()));
+            panic!("test: disconnect callback panics");
+        }
         let mut d = globals().disconnects.lock().unwrap();
         let n = d.entry(conn.id()).or_insert(0);
         *n += 1;
@@ -376,6 +410,33 @@ fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
             );
         });
     })
+    .handler(CMD_PANIC, |_call| panic!("test: handler panics"))
+    .handler(CMD_PANIC_DEFERRED, |call| {
+        let _responder = call.defer();
+        panic!("test: handler panics holding a responder");
+    })
+    .handler(CMD_STATUS, |call| {
+        let code = le_u32(call.payload(), 0);
+        let conn = call.connection().clone();
+        match call.respond_status(coroipc_server::Status::Service(code)) {
+            Ok(()) => {}
+            Err(e) => report("STATUS_REFUSED", &format!("id={} code={code} err={e:?}", conn.id())),
+        }
+    })
+    .handler(CMD_DEFER_NOW, |call| {
+        let len = le_u32(call.payload(), 0) as usize;
+        let ms = le_u32(call.payload(), 4);
+        let r = call.defer();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms.into()));
+            let res = r.respond(&vec![7u8; len]);
+            report("DEFER_DONE", &format!("result={res:?}"));
+        });
+    })
+    .handler(CMD_PANIC_ON_DISCONNECT, |mut call| {
+        call.state().panic_on_disconnect = true;
+        let _ = call.respond(b"armed");
+    })
     .handler(CMD_STATS, |call| {
         let s = call.connection().stats();
         let v = [s.dispatched, s.flow_control_on, s.flow_control_off, s.requests, s.responses, s.retries];
@@ -436,6 +497,16 @@ fn other_service() -> ServiceBuilder<()> {
     })
 }
 
+fn connect_panic_service() -> ServiceBuilder<()> {
+    ServiceBuilder::new(SVC_CONNECT_PANIC, |_| -> Result<(), Refusal> {
+        panic!("test: connect callback panics")
+    })
+}
+
+fn auth_panic_service() -> ServiceBuilder<()> {
+    ServiceBuilder::new(SVC_AUTH_PANIC, |_| Ok(()))
+}
+
 fn priv_service() -> ServiceBuilder<()> {
     ServiceBuilder::new(SVC_PRIV, |_| Ok(())).handler(CMD_ECHO, |call| {
         let p = call.payload();
@@ -491,7 +562,12 @@ fn rel_server_process() {
         .service(rel_service(retry))
         .service(other_service())
         .service(priv_service())
+        .service(connect_panic_service())
+        .service(auth_panic_service())
         .auth(|cred, service| {
+            if service == SVC_AUTH_PANIC {
+                panic!("test: authentication callback panics");
+            }
             if service == SVC_PRIV && cred.uid != 0xfffe_fffe {
                 Err(Refusal::AccessDenied)
             } else {
