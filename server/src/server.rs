@@ -357,9 +357,11 @@ impl ServerHandle {
 
     /// Server-wide counters: every connection, open or gone.
     pub fn stats(&self) -> Stats {
-        let open: Vec<Stats> = lock(&self.shared.registry).values().map(Connection::stats).collect();
-        let mut all = open;
+        // Both under the registry lock: see `Server::finish_close`.
+        let registry = lock(&self.shared.registry);
+        let mut all: Vec<Stats> = registry.values().map(Connection::stats).collect();
         all.push(*lock(&self.shared.closed_stats));
+        drop(registry);
         Stats::sum(all.iter())
     }
 }
@@ -842,7 +844,11 @@ impl Server {
     fn finish_close(&mut self, conn: Connection) {
         conn.inner.closed.store(true, Ordering::Release);
         conn.inner.channel.close();
-        lock(&self.shared.registry).remove(&conn.id());
+        // Under the registry lock, as in `ServerHandle::stats`: a reader
+        // sees the connection either open or in the closed totals, never in
+        // neither (that lost its counters from a total now and then).
+        let mut registry = lock(&self.shared.registry);
+        registry.remove(&conn.id());
         let mut closed = lock(&self.shared.closed_stats);
         *closed = Stats::sum([&*closed, &conn.stats()]);
     }
