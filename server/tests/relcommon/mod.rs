@@ -151,6 +151,16 @@ pub const MAX_CONN: &str = "REL_MAX_CONN";
 /// How many times the disconnect callback asks to be retried.
 pub const RETRY: &str = "REL_RETRY";
 pub const HS_TIMEOUT_MS: &str = "REL_HS_TIMEOUT_MS";
+/// The server child lowers its soft descriptor limit to this before it
+/// builds the server.
+pub const NOFILE: &str = "REL_NOFILE";
+/// `total,per_uid` bytes: the server's memory budget.
+pub const MEM_BUDGET: &str = "REL_MEM_BUDGET";
+/// After the server started, the child takes descriptors until none is
+/// left but this many (someone else in the process used them up).
+pub const HOG_FDS_LEAVE: &str = "REL_HOG_FDS_LEAVE";
+/// Sets `max_pending_handshakes`.
+pub const MAX_PENDING: &str = "REL_MAX_PENDING";
 /// What a client child does (see [`rel_client_process`]'s callers).
 pub const MODE: &str = "REL_MODE";
 /// A free-form argument of the client mode.
@@ -186,6 +196,8 @@ pub fn spawn_helper(helper: &str, envs: &[(&str, String)]) -> ChildProc {
 pub struct TestServer {
     pub proc: ChildProc,
     pub ep: String,
+    /// The server's `@@READY` line (`pid=`, `max_conns=`, resources).
+    pub ready: String,
 }
 
 impl TestServer {
@@ -195,8 +207,8 @@ impl TestServer {
         let mut all = vec![(EP, ep.clone())];
         all.extend(envs.iter().cloned());
         let mut proc = spawn_helper(SERVER_HELPER, &all);
-        proc.expect("READY", T);
-        Self { proc, ep }
+        let ready = proc.expect("READY", T);
+        Self { proc, ep, ready }
     }
 
     /// The server's own resource figures.
@@ -557,6 +569,11 @@ fn handle_control(handle: &ServerHandle, line: &str) {
 fn rel_server_process() {
     let Ok(ep) = std::env::var(EP) else { return };
     let retry = env_num(RETRY).unwrap_or(0) as u32;
+    if let Some(n) = env_num(NOFILE) {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        setrlimit(Resource::Nofile, Rlimit { current: Some(n), maximum: hard }).expect("lower RLIMIT_NOFILE");
+    }
     let mut b = Server::builder()
         .endpoint(&ep)
         .service(rel_service(retry))
@@ -580,9 +597,30 @@ fn rel_server_process() {
     if let Some(ms) = env_num(HS_TIMEOUT_MS) {
         b = b.handshake_timeout(Duration::from_millis(ms));
     }
+    if let Some(n) = env_num(MAX_PENDING) {
+        b = b.max_pending_handshakes(n as usize);
+    }
+    if let Ok(v) = std::env::var(MEM_BUDGET) {
+        let (total, per_uid) = v.split_once(',').expect("total,per_uid");
+        b = b.memory_budget(total.parse().expect("total"), per_uid.parse().expect("per uid"));
+    }
     let server = b.build().expect("build the server");
+    let max_conns = server.max_connections();
     let (handle, _join) = server.spawn().expect("spawn the server loop");
-    report("READY", &format!("pid={} {}", std::process::id(), res_line(0)));
+    let line = res_line(0);
+    let mut hogged = Vec::new();
+    if let Some(leave) = env_num(HOG_FDS_LEAVE) {
+        while let Ok(fd) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) {
+            hogged.push(fd);
+        }
+        for _ in 0..leave {
+            hogged.pop();
+        }
+    }
+    report(
+        "READY",
+        &format!("pid={} max_conns={max_conns} hogged={} {line}", std::process::id(), hogged.len()),
+    );
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         handle_control(&handle, &line);
