@@ -34,7 +34,7 @@ const REQUEST_BATCH: usize = 64;
 
 /// Descriptors one connection holds in the server: its socket, its segment
 /// memfd and three eventfds (request, response and dispatch bells).
-pub const FDS_PER_CONNECTION: u64 = 5;
+const FDS_PER_CONNECTION: u64 = 5;
 /// Descriptors kept in reserve (placeholder eventfds): given back just
 /// before a connection's memory and bells are made, so that making them
 /// cannot fail for lack of descriptors, and before an `accept` that failed
@@ -133,7 +133,7 @@ impl ServerBuilder {
     ///
     /// [`build`](Self::build) lowers it to what the process's descriptor
     /// limit (`RLIMIT_NOFILE`, soft) can hold: each connection holds
-    /// [`FDS_PER_CONNECTION`] descriptors and each handshake in progress
+    /// five descriptors (its socket, its segment, three eventfds) and each handshake in progress
     /// one, on top of those open at build time, a small slack and a
     /// reserve. The server never raises the limit itself (a process-wide
     /// setting); an application that wants more connections raises it
