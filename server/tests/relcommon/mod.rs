@@ -159,6 +159,12 @@ pub const MEM_BUDGET: &str = "REL_MEM_BUDGET";
 /// After the server started, the child takes descriptors until none is
 /// left but this many (someone else in the process used them up).
 pub const HOG_FDS_LEAVE: &str = "REL_HOG_FDS_LEAVE";
+/// Comma-separated command ids: [`SVC_REL`] refuses every other command
+/// ("invalid", the handler does not run). For hostile clients whose garbage
+/// can form any command id: a random `CMD_HOLD` or `CMD_LATE` would make the
+/// service keep a connection handle (and a thread) on purpose, which a
+/// resource baseline would then count as a leak.
+pub const ONLY_CMDS: &str = "REL_ONLY_CMDS";
 /// Sets `max_pending_handshakes`.
 pub const MAX_PENDING: &str = "REL_MAX_PENDING";
 /// What a client child does (see [`rel_client_process`]'s callers).
@@ -319,13 +325,19 @@ fn globals() -> &'static Globals {
 }
 
 fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
+    let only: Option<Vec<u16>> = std::env::var(ONLY_CMDS)
+        .ok()
+        .map(|v| v.split(',').map(|c| c.trim().parse().expect("command id")).collect());
     ServiceBuilder::new(SVC_REL, |conn: &Connection| {
         // Dispatch from inside the connect callback.
         let r = conn.try_dispatch(DISPATCH_WELCOME, &conn.id().to_le_bytes());
         report("CONNECTED", &format!("id={} welcome={r:?}", conn.id()));
         Ok(RelState { id: conn.id(), panic_on_disconnect: false })
     })
-    .admission(|request, _state, _conn| {
+    .admission(move |request, _state, _conn| {
+        if only.as_ref().is_some_and(|o| !o.contains(&request.command())) {
+            return coroipc_server::Admission::Invalid;
+        }
         if request.command() == CMD_ADMIT_PANIC {
             panic!("test: admission callback panics");
         }
