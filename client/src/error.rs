@@ -34,6 +34,10 @@ pub enum Error {
     ConnectionLimit,
     /// Client and server speak different protocol versions.
     VersionMismatch,
+    /// The server's memory budget (server-wide or for this uid) has no room
+    /// for the asked-for rings (`CS_ERR_NO_MEMORY`): ask for smaller rings,
+    /// or try again once other connections closed.
+    NoMemory,
     /// The caller's buffer is smaller than the message; the message is
     /// kept. A dispatch message: the next receive returns it again. A
     /// pipelined response: `wait` for its ticket again. A call's response:
@@ -66,6 +70,7 @@ impl fmt::Display for Error {
             Self::ShuttingDown => f.write_str("shutting down"),
             Self::ConnectionLimit => f.write_str("server at its connection limit"),
             Self::VersionMismatch => f.write_str("protocol version mismatch"),
+            Self::NoMemory => f.write_str("server memory budget exhausted"),
             Self::BufferTooSmall { needed } => write!(f, "buffer too small: message has {needed} bytes"),
             Self::Service(code) => write!(f, "service error {code}"),
             Self::Protocol(what) => write!(f, "protocol error: {what}"),
@@ -107,6 +112,7 @@ impl From<ConnectError> for Error {
                 Refusal::ConnectionLimit => Self::ConnectionLimit,
                 Refusal::VersionMismatch => Self::VersionMismatch,
                 Refusal::Invalid => Self::Invalid,
+                Refusal::NoMemory => Self::NoMemory,
             },
             ConnectError::Io(e) => Self::Io(e),
             ConnectError::Timeout => Self::Timeout,

@@ -28,6 +28,11 @@ pub enum RespondError {
     Timeout,
     /// The connection is closed.
     Disconnected,
+    /// The status cannot be sent: a `Status::Service` code below
+    /// `Status::SERVICE_BASE` or a `Status::Unknown` code (it would reach
+    /// the client as another status). Nothing was sent; the request is
+    /// answered `Status::Invalid` when its `Call` or `Responder` is dropped.
+    InvalidStatus,
 }
 
 impl From<ChannelError> for DispatchError {
@@ -68,6 +73,7 @@ impl fmt::Display for RespondError {
             Self::TooBig => "response too big",
             Self::Timeout => "client did not read its responses in time",
             Self::Disconnected => "connection closed",
+            Self::InvalidStatus => "status code reserved or unknown",
         })
     }
 }

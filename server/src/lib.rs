@@ -20,6 +20,26 @@
 //!   connection: a corrupt ring closes that connection with a logged
 //!   reason; a client that does not read stalls only itself; the event loop
 //!   never blocks on one client.
+//! * A panic in user code costs at most that call or that connection,
+//!   never the server. A request handler, admission callback or handler
+//!   selector that panics gets its request answered `Status::Invalid` (the
+//!   unwinding drops the `Call`, or the `Responder` it deferred to, and
+//!   dropping answers); the connection goes on. A connect callback that
+//!   panics closes that connection; a disconnect callback that panics
+//!   counts as [`Disconnect::Done`]; an authentication callback that panics
+//!   refuses that client with [`Refusal::AccessDenied`]. Each panic is
+//!   logged through `log` at error level. (A build with `panic = "abort"`
+//!   aborts the process, as Rust does.)
+//! * Resources are bounded and the server refuses politely when they run
+//!   out, never spins: handshakes in progress are bounded in time and
+//!   number ([`ServerBuilder::max_pending_handshakes`], the oldest dropped);
+//!   connections by [`ServerBuilder::max_connections`], lowered to what the
+//!   process's descriptor limit holds (refusal [`Refusal::ConnectionLimit`],
+//!   also when `accept` runs out of descriptors); ring memory by a budget
+//!   in all and per uid ([`ServerBuilder::memory_budget`], default 1 GiB and
+//!   256 MiB; refusal [`Refusal::NoMemory`]).
+//! * No lock the event loop takes is held while a thread waits for a
+//!   client (a deferred answer waiting for ring space waits without it).
 //!
 //! ## Example
 //!

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use coroipc_transport::channel::{negotiate, ChannelError, Limits, PendingHandshake};
+use coroipc_transport::channel::{layout_for, negotiate, ChannelError, Limits, PendingHandshake};
 use coroipc_transport::eventfd::EventFd;
-use coroipc_transport::handshake::{HandshakeDecodeError, Refusal, RingSizes};
+use coroipc_transport::handshake::{HandshakeDecodeError, Refusal, RingSizes, ServerReply};
 use coroipc_transport::message::{MessageHeader, FLAG_ONEWAY, HEADER_LEN, KNOWN_FLAGS};
 use coroipc_transport::socket::{Endpoint, Listener};
 use coroipc_transport::waiter::spin_until;
@@ -32,6 +32,24 @@ const FIRST_CONNECTION_ID: u64 = 2;
 /// one (fairness between connections).
 const REQUEST_BATCH: usize = 64;
 
+/// Descriptors one connection holds in the server: its socket, its segment
+/// memfd and three eventfds (request, response and dispatch bells).
+const FDS_PER_CONNECTION: u64 = 5;
+/// Descriptors kept in reserve (placeholder eventfds): given back just
+/// before a connection's memory and bells are made, so that making them
+/// cannot fail for lack of descriptors, and before an `accept` that failed
+/// with `EMFILE`, so that the waiting client can still be told "no".
+const RESERVE_FDS: usize = FDS_PER_CONNECTION as usize;
+/// Descriptors left for the application besides those open at build time.
+const FD_SLACK: u64 = 16;
+/// How long the listener is not watched after `accept` ran out of
+/// descriptors (a level-triggered listener would wake the loop at once,
+/// again and again).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Clients refused through the reserve descriptor per wake-up while out of
+/// descriptors, before the listener backs off.
+const EMFILE_REFUSALS_PER_WAKE: usize = 64;
+
 /// The authentication decision: peer credentials (from the kernel) and the
 /// service asked for → accept, or the refusal the client will see.
 pub type AuthFn = dyn Fn(&Credentials, u16) -> Result<(), Refusal> + Send + Sync;
@@ -48,6 +66,9 @@ pub struct ServerBuilder {
     spin: Duration,
     handshake_timeout: Duration,
     response_timeout: Duration,
+    max_pending: usize,
+    memory_budget: u64,
+    memory_per_uid: u64,
 }
 
 impl Default for ServerBuilder {
@@ -57,8 +78,11 @@ impl Default for ServerBuilder {
 }
 
 impl ServerBuilder {
-    /// A builder with default limits: 1024 connections, messages up to
-    /// 8 KiB by default and 1 MiB at most, a 50 µs spin budget.
+    /// A builder with default limits: 1024 connections (fewer if the
+    /// descriptor limit says so, see [`max_connections`](Self::max_connections)),
+    /// 64 handshakes in progress, messages up to 8 KiB by default and 1 MiB
+    /// at most, a memory budget of 1 GiB of connection segments in all and
+    /// 256 MiB per uid, a 50 µs spin budget.
     pub fn new() -> Self {
         Self {
             endpoint: None,
@@ -69,6 +93,9 @@ impl ServerBuilder {
             spin: Duration::from_micros(50),
             handshake_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
+            max_pending: 64,
+            memory_budget: 1 << 30,
+            memory_per_uid: 256 << 20,
         }
     }
 
@@ -103,6 +130,14 @@ impl ServerBuilder {
 
     /// Sets the largest connection count; further clients are refused with
     /// "connection limit".
+    ///
+    /// [`build`](Self::build) lowers it to what the process's descriptor
+    /// limit (`RLIMIT_NOFILE`, soft) can hold: each connection holds
+    /// five descriptors (its socket, its segment, three eventfds) and each handshake in progress
+    /// one, on top of those open at build time, a small slack and a
+    /// reserve. The server never raises the limit itself (a process-wide
+    /// setting); an application that wants more connections raises it
+    /// before `build`. [`Server::max_connections`] tells the result.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = n;
         self
@@ -118,6 +153,27 @@ impl ServerBuilder {
     /// How long a client may take to send its hello.
     pub fn handshake_timeout(mut self, t: Duration) -> Self {
         self.handshake_timeout = t;
+        self
+    }
+
+    /// Sets the largest number of handshakes in progress (clients that
+    /// connected but have not sent their hello yet). When a new client
+    /// arrives at the limit, the oldest handshake in progress is dropped:
+    /// a flood of connections that never say hello cannot use up the
+    /// server's descriptors or lock honest clients out. At least 1.
+    pub fn max_pending_handshakes(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
+        self
+    }
+
+    /// Sets the memory budget: the largest total size of the shared
+    /// segments of all connections, and of the connections of one uid
+    /// (a segment holds a connection's three rings). A client whose rings
+    /// would exceed either is refused with [`Refusal::NoMemory`]; closing
+    /// a connection gives its share back.
+    pub fn memory_budget(mut self, total_bytes: u64, per_uid_bytes: u64) -> Self {
+        self.memory_budget = total_bytes;
+        self.memory_per_uid = per_uid_bytes;
         self
     }
 
@@ -154,7 +210,13 @@ impl ServerBuilder {
         {
             return Err(ServerBuildError::BadLimits("dispatch watermarks must be low < high <= 100"));
         }
+        let (max_connections, max_pending) = fd_limits(self.max_connections, self.max_pending);
+        if max_connections == 0 {
+            return Err(ServerBuildError::BadLimits("the descriptor limit leaves room for no connection"));
+        }
         let listener = Listener::bind(&endpoint)?;
+        let mut reserve = FdReserve::default();
+        reserve.refill();
         let shared = Arc::new(Shared {
             waker: Arc::new(EventFd::new()?),
             shutdown: AtomicBool::new(false),
@@ -168,7 +230,14 @@ impl ServerBuilder {
             services,
             auth: self.auth,
             limits: self.limits,
-            max_connections: self.max_connections,
+            max_connections,
+            max_pending,
+            memory_budget: self.memory_budget,
+            memory_per_uid: self.memory_per_uid,
+            memory_used: 0,
+            memory_by_uid: HashMap::new(),
+            reserve,
+            listener_paused_until: None,
             spin: self.spin,
             handshake_timeout: self.handshake_timeout,
             response_timeout: self.response_timeout,
@@ -183,6 +252,57 @@ impl ServerBuilder {
             builtin_loop: false,
         })
     }
+}
+
+/// The connection and handshake limits the descriptor limit allows:
+/// `(max_connections, max_pending)`, at most the configured ones.
+fn fd_limits(max_connections: usize, max_pending: usize) -> (usize, usize) {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let Some(soft) = soft else { return (max_connections, max_pending) }; // unlimited
+    let open = std::fs::read_dir("/proc/self/fd").map_or(64, |d| d.count() as u64);
+    // The listener, the waker, the epoll instance and the reserve come on
+    // top of what is open now.
+    let left = soft.saturating_sub(open + FD_SLACK + 3 + RESERVE_FDS as u64);
+    // Handshakes in progress get at most a quarter of what is left.
+    let pending = (max_pending as u64).min(left / 4).max(1);
+    let conns = (left.saturating_sub(pending) / FDS_PER_CONNECTION).min(max_connections as u64);
+    if (conns as usize) < max_connections || (pending as usize) < max_pending {
+        log::info!(
+            "descriptor limit {soft} ({open} open): at most {conns} connections and {pending} handshakes \
+             in progress (asked for {max_connections} and {max_pending})"
+        );
+    }
+    (conns as usize, pending as usize)
+}
+
+/// Placeholder descriptors held in reserve (see [`RESERVE_FDS`]).
+#[derive(Default)]
+struct FdReserve {
+    fds: Vec<EventFd>,
+}
+
+impl FdReserve {
+    /// Takes descriptors back until the reserve is full; whether it is.
+    fn refill(&mut self) -> bool {
+        while self.fds.len() < RESERVE_FDS {
+            match EventFd::new() {
+                Ok(fd) => self.fds.push(fd),
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    /// Gives every reserved descriptor back to the process.
+    fn release(&mut self) {
+        self.fds.clear();
+    }
+}
+
+fn out_of_descriptors(e: &io::Error) -> bool {
+    let errno = e.raw_os_error();
+    errno == Some(rustix::io::Errno::MFILE.raw_os_error())
+        || errno == Some(rustix::io::Errno::NFILE.raw_os_error())
 }
 
 #[derive(Default)]
@@ -277,6 +397,15 @@ pub struct Server {
     auth: Option<Arc<AuthFn>>,
     limits: Limits,
     max_connections: usize,
+    max_pending: usize,
+    memory_budget: u64,
+    memory_per_uid: u64,
+    /// Bytes of segments of open connections, in all and per uid.
+    memory_used: u64,
+    memory_by_uid: HashMap<u32, u64>,
+    reserve: FdReserve,
+    /// Set while the listener is not watched (out of descriptors).
+    listener_paused_until: Option<Instant>,
     spin: Duration,
     handshake_timeout: Duration,
     response_timeout: Duration,
@@ -357,9 +486,11 @@ impl ServerHandle {
 
     /// Server-wide counters: every connection, open or gone.
     pub fn stats(&self) -> Stats {
-        let open: Vec<Stats> = lock(&self.shared.registry).values().map(Connection::stats).collect();
-        let mut all = open;
+        // Both under the registry lock: see `Server::finish_close`.
+        let registry = lock(&self.shared.registry);
+        let mut all: Vec<Stats> = registry.values().map(Connection::stats).collect();
         all.push(*lock(&self.shared.closed_stats));
+        drop(registry);
         Stats::sum(all.iter())
     }
 }
@@ -378,6 +509,12 @@ impl Server {
     /// The endpoint the server listens on.
     pub fn endpoint(&self) -> &Endpoint {
         self.listener.endpoint()
+    }
+
+    /// The connection limit in force: the configured one, lowered to what
+    /// the descriptor limit can hold (see [`ServerBuilder::max_connections`]).
+    pub fn max_connections(&self) -> usize {
+        self.max_connections
     }
 
     /// Registers the listener and the waker with `poller`. Call once before
@@ -422,15 +559,33 @@ impl Server {
     }
 
     fn accept_all(&mut self, poller: &mut dyn Poller) {
+        if self.listener_paused_until.is_some() {
+            return; // a stale readiness report: `tick` resumes accepting
+        }
         loop {
             let stream = match self.listener.try_accept() {
                 Ok(Some(s)) => s,
                 Ok(None) => return,
+                Err(e) if out_of_descriptors(&e) => {
+                    self.refuse_without_descriptors(poller);
+                    return;
+                }
                 Err(e) => {
                     log::warn!("accept failed: {e}");
                     return;
                 }
             };
+            if self.pending.len() >= self.max_pending {
+                // The oldest handshake in progress makes room: a flood of
+                // clients that never say hello cannot lock others out.
+                if let Some(&oldest) = self.pending.iter().min_by_key(|(_, p)| p.started()).map(|(id, _)| id)
+                {
+                    if let Some(p) = self.pending.remove(&oldest) {
+                        let _ = poller.deregister(p.stream().as_fd());
+                        log::info!("dropping client {oldest}: too many handshakes in progress");
+                    }
+                }
+            }
             let pending = match PendingHandshake::new(stream) {
                 Ok(p) => p,
                 Err(e) => {
@@ -448,6 +603,38 @@ impl Server {
             // The hello may already be there.
             self.advance_handshake(id, poller);
         }
+    }
+
+    /// `accept` ran out of descriptors: the classic reserve-descriptor
+    /// trick. Give the reserve back, accept the waiting clients with it one
+    /// by one and tell each "connection limit" (a typed refusal, not a
+    /// reset), take the reserve again; then stop watching the listener for
+    /// [`ACCEPT_BACKOFF`], so that a queue the server cannot take does not
+    /// wake the loop at once, again and again.
+    #[cold]
+    fn refuse_without_descriptors(&mut self, poller: &mut dyn Poller) {
+        let mut refused = 0;
+        while refused < EMFILE_REFUSALS_PER_WAKE {
+            self.reserve.release();
+            let accepted = self.listener.try_accept();
+            let more = match accepted {
+                Ok(Some(stream)) => {
+                    let _ = stream.as_std().set_nonblocking(true);
+                    let _ =
+                        stream.send_with_fds(&ServerReply::Refused(Refusal::ConnectionLimit).encode(), &[]);
+                    refused += 1;
+                    true
+                }
+                _ => false,
+            };
+            let full = self.reserve.refill();
+            if !more || !full {
+                break;
+            }
+        }
+        log::warn!("out of descriptors: refused {refused} clients; not accepting for {ACCEPT_BACKOFF:?}");
+        let _ = poller.deregister(self.listener.as_fd());
+        self.listener_paused_until = Some(Instant::now() + ACCEPT_BACKOFF);
     }
 
     /// "Connection ready" (coroipc's `coroipcs_handler_dispatch`): reads the
@@ -540,6 +727,17 @@ impl Server {
     /// a foreign loop every few tens of milliseconds.
     pub fn tick(&mut self, poller: &mut dyn Poller) {
         let now = Instant::now();
+        if self.listener_paused_until.is_some_and(|t| now >= t) && !self.stopped {
+            self.listener_paused_until = None;
+            self.reserve.refill();
+            match poller.register(self.listener.as_fd(), LISTENER_TOKEN) {
+                Ok(()) => self.accept_all(poller),
+                Err(e) => {
+                    log::warn!("cannot watch the listener again: {e}");
+                    self.listener_paused_until = Some(now + ACCEPT_BACKOFF);
+                }
+            }
+        }
         let stale: Vec<u64> = self
             .pending
             .iter()
@@ -652,21 +850,52 @@ impl Server {
                 return;
             }
         };
+        let peer = pending.peer();
+        let cost = layout_for(&sizes).segment_len;
+        let uid_used = self.memory_by_uid.get(&peer.uid).copied().unwrap_or(0);
+        if self.memory_used + cost > self.memory_budget || uid_used + cost > self.memory_per_uid {
+            log::info!(
+                "client {id} refused: {cost} bytes of rings exceed the memory budget \
+                 ({} of {} used, uid {}: {uid_used} of {})",
+                self.memory_used,
+                self.memory_budget,
+                peer.uid,
+                self.memory_per_uid
+            );
+            let _ = poller.deregister(pending.stream().as_fd());
+            pending.refuse(Refusal::NoMemory);
+            return;
+        }
+        // The connection's descriptors come out of the reserve, so making
+        // them cannot fail for lack of descriptors; a reserve that cannot
+        // be filled again means the process is at its limit: refuse, typed.
+        if !self.reserve.refill() {
+            log::warn!("client {id} refused: out of descriptors");
+            let _ = poller.deregister(pending.stream().as_fd());
+            pending.refuse(Refusal::ConnectionLimit);
+            return;
+        }
+        self.reserve.release();
         // `accept` consumes the stream and closes it on failure: deregister
         // it first (epoll would forget a closed fd by itself, a poll(2)
         // loop's list would not) and register it again on success.
         let _ = poller.deregister(pending.stream().as_fd());
-        let channel = match pending.accept(sizes, &self.limits) {
+        let accepted = pending.accept(sizes, &self.limits);
+        self.reserve.refill();
+        let channel = match accepted {
             Ok(c) => c,
             Err(e) => {
                 log::warn!("client {id}: cannot set up the connection: {e}");
                 return;
             }
         };
+        self.memory_used += cost;
+        *self.memory_by_uid.entry(peer.uid).or_insert(0) += cost;
         let conn =
             Connection::new(id, service.id(), channel, self.shared.waker.clone(), self.response_timeout);
         if let Err(e) = poller.register(conn.inner.channel.socket_fd(), Token(id)) {
             log::warn!("client {id}: cannot register: {e}");
+            self.finish_close(conn);
             return;
         }
         let bell_edge = match poller.register_edge(conn.inner.channel.request_fd(), Token(id)) {
@@ -674,6 +903,7 @@ impl Server {
             Err(e) => {
                 log::warn!("client {id}: cannot register: {e}");
                 let _ = poller.deregister(conn.inner.channel.socket_fd());
+                self.finish_close(conn);
                 return;
             }
         };
@@ -712,7 +942,9 @@ impl Server {
     /// The admission checks that need no memory: service, limits, auth.
     fn admit(&self, pending: &PendingHandshake, service: u16) -> Result<Arc<dyn ServiceDyn>, Refusal> {
         let svc = self.services.get(&service).ok_or(Refusal::NoSuchService)?;
-        if self.conns.len() >= self.max_connections {
+        // Connections whose disconnect callback asked to be retried still
+        // hold their descriptors and memory.
+        if self.conns.len() + self.closing.len() >= self.max_connections {
             return Err(Refusal::ConnectionLimit);
         }
         if let Some(max) = svc.max_connections() {
@@ -721,7 +953,20 @@ impl Server {
             }
         }
         if let Some(auth) = &self.auth {
-            auth(&pending.peer(), service)?;
+            let peer = pending.peer();
+            let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| auth(&peer, service)));
+            match verdict {
+                Ok(v) => v?,
+                Err(p) => {
+                    // A panicking decision is no "yes": refuse this client only.
+                    log::error!(
+                        "the authentication callback panicked (pid {:?}): {}",
+                        peer.pid,
+                        crate::service::panic_text(&*p)
+                    );
+                    return Err(Refusal::AccessDenied);
+                }
+            }
         }
         Ok(svc.clone())
     }
@@ -829,7 +1074,22 @@ impl Server {
     fn finish_close(&mut self, conn: Connection) {
         conn.inner.closed.store(true, Ordering::Release);
         conn.inner.channel.close();
-        lock(&self.shared.registry).remove(&conn.id());
+        // Its share of the memory budget comes back (the memory itself once
+        // the last handle, e.g. a held `Responder`, is gone).
+        let cost = layout_for(&conn.inner.channel.sizes()).segment_len;
+        self.memory_used = self.memory_used.saturating_sub(cost);
+        let uid = conn.credentials().uid;
+        if let Some(used) = self.memory_by_uid.get_mut(&uid) {
+            *used = used.saturating_sub(cost);
+            if *used == 0 {
+                self.memory_by_uid.remove(&uid);
+            }
+        }
+        // Under the registry lock, as in `ServerHandle::stats`: a reader
+        // sees the connection either open or in the closed totals, never in
+        // neither (that lost its counters from a total now and then).
+        let mut registry = lock(&self.shared.registry);
+        registry.remove(&conn.id());
         let mut closed = lock(&self.shared.closed_stats);
         *closed = Stats::sum([&*closed, &conn.stats()]);
     }

@@ -5,6 +5,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::IoSlice;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use coroipc_transport::handshake::Refusal;
@@ -135,12 +136,19 @@ impl<'a, S> Call<'a, S> {
         answer(self.connection, self.request.seq, parts)
     }
 
-    /// Answers with an error status and no payload.
+    /// Answers with an error status and no payload. Service codes are
+    /// `Status::Service(code)` with `code >= Status::SERVICE_BASE` (see
+    /// [`Status::service`]); the client receives the same code.
     ///
     /// # Errors
     ///
-    /// As [`respond`](Self::respond).
+    /// As [`respond`](Self::respond); [`RespondError::InvalidStatus`] for a
+    /// status that is not [sendable](Status::is_sendable) (nothing is sent,
+    /// and the request is answered [`Status::Invalid`]).
     pub fn respond_status(mut self, status: Status) -> Result<(), RespondError> {
+        if !status.is_sendable() {
+            return Err(RespondError::InvalidStatus); // dropping answers Invalid
+        }
         self.answered = true;
         if self.request.oneway {
             return Ok(());
@@ -215,12 +223,17 @@ impl Responder {
         answer(&self.connection, self.seq, parts)
     }
 
-    /// Answers with an error status.
+    /// Answers with an error status (see [`Call::respond_status`]).
     ///
     /// # Errors
     ///
-    /// As [`respond`](Self::respond).
+    /// As [`respond`](Self::respond); [`RespondError::InvalidStatus`] for a
+    /// status that is not [sendable](Status::is_sendable) (nothing is sent,
+    /// and the request is answered [`Status::Invalid`]).
     pub fn respond_status(mut self, status: Status) -> Result<(), RespondError> {
+        if !status.is_sendable() {
+            return Err(RespondError::InvalidStatus); // dropping answers Invalid
+        }
         self.answered = true;
         if self.oneway {
             return Ok(());
@@ -362,7 +375,13 @@ impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
     }
 
     fn connect(&self, conn: &Connection) -> Result<State, Refusal> {
-        (self.connect)(conn).map(|s| Box::new(s) as State)
+        match catch_unwind(AssertUnwindSafe(|| (self.connect)(conn))) {
+            Ok(r) => r.map(|s| Box::new(s) as State),
+            Err(p) => {
+                log_panic("connect callback", conn, &p);
+                Err(Refusal::Invalid)
+            }
+        }
     }
 
     fn handle(&self, state: &mut State, conn: &Connection, request: Request<'_>) -> Outcome {
@@ -372,8 +391,14 @@ impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
             let _ = conn.respond(request.seq, Status::Invalid, &[]);
             return Outcome::Unknown;
         };
+        // User code below may panic: each panic costs that request only
+        // (answered "invalid"), never the event loop.
         if let Some(admission) = &self.admission {
-            let verdict = admission(&request, state, conn);
+            let verdict =
+                catch_unwind(AssertUnwindSafe(|| admission(&request, state, conn))).unwrap_or_else(|p| {
+                    log_panic("admission callback", conn, &p);
+                    Admission::Invalid
+                });
             let status = match verdict {
                 Admission::Allow => None,
                 Admission::TryAgain => Some(Status::TryAgain),
@@ -387,7 +412,10 @@ impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
             }
         }
         let handler = match &self.selector {
-            Some(select) => select(request.command),
+            Some(select) => catch_unwind(AssertUnwindSafe(|| select(request.command))).unwrap_or_else(|p| {
+                log_panic("handler selector", conn, &p);
+                None
+            }),
             None => self.handlers.get(&request.command).cloned(),
         };
         let Some(handler) = handler else {
@@ -396,14 +424,38 @@ impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
             }
             return Outcome::Unknown;
         };
-        handler(Call { request, state, connection: conn, answered: false });
-        Outcome::Handled
+        // A panicking handler drops its `Call` (or the `Responder` it
+        // deferred to) while unwinding, and dropping answers "invalid".
+        let call = Call { request, state, connection: conn, answered: false };
+        match catch_unwind(AssertUnwindSafe(|| handler(call))) {
+            Ok(()) => Outcome::Handled,
+            Err(p) => {
+                log_panic("request handler", conn, &p);
+                Outcome::Unknown
+            }
+        }
     }
 
     fn disconnect(&self, state: &mut State, conn: &Connection) -> Disconnect {
         match (&self.disconnect, state.downcast_mut::<S>()) {
-            (Some(f), Some(state)) => f(conn, state),
+            (Some(f), Some(state)) => catch_unwind(AssertUnwindSafe(|| f(conn, state))).unwrap_or_else(|p| {
+                log_panic("disconnect callback", conn, &p);
+                Disconnect::Done
+            }),
             _ => Disconnect::Done,
         }
     }
+}
+
+/// The text of a panic payload (`panic!` with a literal or a format).
+pub(crate) fn panic_text(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-text panic payload)")
+}
+
+fn log_panic(what: &str, conn: &Connection, payload: &(dyn Any + Send)) {
+    log::error!("connection {}: the {what} panicked: {}", conn.id(), panic_text(payload));
 }

@@ -186,11 +186,21 @@ fn ranges(target: &str, raw: &Raw) -> Vec<(u64, u64)> {
     }
 }
 
+/// Targets whose garbage the server must catch (the connection is dropped);
+/// the others are hints the server never trusts.
+const MUST_DROP: [&str; 4] = ["positions", "lengths", "control", "everything"];
+
 /// Child: connects by hand and scribbles over `arg`'s part of the segment
 /// while sending valid-looking requests; reports `@@DONE dropped=`.
+///
+/// A [`MUST_DROP`] target scribbles until it is dropped (bounded by a
+/// generous 30 s), so the verdict does not depend on how many random words
+/// a loaded machine lets it write in a fixed window, nor on which of them
+/// happen to matter; the others scribble for 2 s.
 fn scribble_mode(ep: &str, target: &str, _control: Receiver<String>) {
     let mut raw = raw_connect(ep, SMALL);
     let ranges = ranges(target, &raw);
+    let window = if MUST_DROP.contains(&target) { Duration::from_secs(30) } else { Duration::from_secs(2) };
     report("READY", &format!("pid={} target={target}", std::process::id()));
     let mut g = Garbage(u64::from(std::process::id()) << 32 | mono_ns() | 1);
     let mut sink = vec![0u8; 4096];
@@ -200,7 +210,7 @@ fn scribble_mode(ep: &str, target: &str, _control: Receiver<String>) {
         if socket_hung_up(&raw.stream) {
             break true;
         }
-        if start.elapsed() > Duration::from_secs(2) {
+        if start.elapsed() > window {
             break false;
         }
         rounds += 1;
@@ -237,7 +247,11 @@ fn scribble_mode(ep: &str, target: &str, _control: Receiver<String>) {
 
 #[test]
 fn scribbling_clients_are_dropped_while_others_are_served_with_bounded_cpu_and_memory() {
-    let mut server = TestServer::start("scribble", &[]);
+    // Garbage can form any command id (the scribblers' words include small
+    // values such as 8): only echo and tickle run, so that no random
+    // request makes the service keep a handle (`CMD_HOLD`, `CMD_LATE`, …)
+    // that the resource baseline below would count as a leak.
+    let mut server = TestServer::start("scribble", &[(ONLY_CMDS, format!("{CMD_ECHO},{CMD_TICKLE}"))]);
     let base = server.res();
     let good = connect(&server.ep);
     welcome(&good);
@@ -257,15 +271,18 @@ fn scribbling_clients_are_dropped_while_others_are_served_with_bounded_cpu_and_m
         n += 1;
     }
     eprintln!("{n} round trips of a good client beside 6 scribblers; worst {worst:?}");
-    assert!(worst < Duration::from_millis(500), "a good client waited {worst:?}");
+    // A "must not hang" bound: on a loaded 2-core machine (the workspace's
+    // other test binaries, the other tests of this file) a round trip can
+    // wait for a core for hundreds of milliseconds without any bug.
+    assert!(worst < Duration::from_secs(5), "a good client waited {worst:?}");
     for (t, h) in targets.iter().zip(&mut hostile) {
-        let done = h.expect("DONE", T);
+        let done = h.expect("DONE", Duration::from_secs(40));
         eprintln!("scribbler {t}: {done}");
         // Garbage in positions, lengths, the control block or everywhere is
         // caught and the connection dropped; wait words and watermark words
         // are hints the server never trusts (a spurious wake-up, or a
         // dispatch refused with "try again", at worst).
-        if ["positions", "lengths", "control", "everything"].contains(t) {
+        if MUST_DROP.contains(t) {
             assert_eq!(field(&done, "dropped"), "true", "{t}: the server dropped the scribbler");
         }
     }
@@ -273,14 +290,16 @@ fn scribbling_clients_are_dropped_while_others_are_served_with_bounded_cpu_and_m
     echo(&good, b"still served");
     drop(good);
     let after = server.settle_to(&base, "after the scribblers");
-    // Idle again: the server does not keep spinning on anything.
+    // Idle again: the server does not keep spinning on anything. CPU time
+    // (not wall time) over a second: a spinning loop uses about 1000 ms of
+    // it, an idle one a few (its 10 ms tick); the bound sits far from both.
     std::thread::sleep(Duration::from_millis(100));
     let idle = server.res();
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1000));
     let later = server.res();
     let cpu = later.cpu_ms - idle.cpu_ms;
-    eprintln!("server: start {base:?}, after {after:?}; idle CPU {cpu} ms in 500 ms");
-    assert!(cpu <= 50, "the idle server burnt {cpu} ms of CPU in 500 ms");
+    eprintln!("server: start {base:?}, after {after:?}; idle CPU {cpu} ms in 1 s");
+    assert!(cpu <= 300, "the idle server burnt {cpu} ms of CPU in 1 s");
     assert!(
         later.anon_kb < base.anon_kb + 16 * 1024,
         "server heap grew from {} to {} kB",

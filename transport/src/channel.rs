@@ -519,17 +519,18 @@ impl ServerChannel {
     }
 
     /// Sends a response (gathered from `parts`), waiting up to `timeout`
-    /// for ring space if the client is slow to read.
+    /// for ring space if the client is slow to read. The response lock is
+    /// held for the copy only, never while waiting.
     ///
     /// # Errors
     ///
     /// `TooBig`, `Timeout`, `PeerGone`, `Corrupt`.
     pub fn send_response(&self, parts: &[IoSlice<'_>], timeout: Duration) -> Result<(), ChannelError> {
         let max = self.max_message();
-        let mut responses = lock(&self.responses);
         // The clock is read only if the ring is full.
         let mut deadline = None;
         loop {
+            let mut responses = lock(&self.responses);
             match responses.try_push_vectored(parts) {
                 Ok(_) => {
                     responses.data_wait().notify(&self.response_bell);
@@ -538,11 +539,16 @@ impl ServerChannel {
                 Err(PushError::Full) => {
                     let len: usize = parts.iter().map(|p| p.len()).sum();
                     let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-                    let point = responses.space_wait();
+                    // Wait without the lock: the event loop takes it to
+                    // check response space, and a client that never reads
+                    // would otherwise freeze the loop for `timeout` per
+                    // waiting answer. An owned handle keeps the wait point.
+                    let handle = responses.space_wait_handle();
+                    drop(responses);
                     wait_until(
-                        point,
+                        handle.point(),
                         &self.response_bell,
-                        || responses.can_reserve(len),
+                        || lock(&self.responses).can_reserve(len),
                         self.liveness(),
                         Some(deadline),
                         WaitPolicy::default(),

@@ -199,6 +199,10 @@ pub enum Refusal {
     VersionMismatch = 5,
     /// The hello was malformed.
     Invalid = 6,
+    /// Granting the rings would exceed the server's memory budget (server
+    /// wide or for the client's uid); ask for smaller rings or try later.
+    #[doc(alias = "NoResources")]
+    NoMemory = 7,
 }
 
 impl Refusal {
@@ -216,6 +220,7 @@ impl Refusal {
             4 => Self::ConnectionLimit,
             5 => Self::VersionMismatch,
             6 => Self::Invalid,
+            7 => Self::NoMemory,
             _ => return None,
         })
     }
@@ -230,6 +235,7 @@ impl fmt::Display for Refusal {
             Self::ConnectionLimit => "connection limit reached",
             Self::VersionMismatch => "protocol version mismatch",
             Self::Invalid => "invalid hello",
+            Self::NoMemory => "server memory budget exhausted",
         })
     }
 }
@@ -760,13 +766,14 @@ mod tests {
         bytes
     }
 
-    const REFUSALS: [Refusal; 6] = [
+    const REFUSALS: [Refusal; 7] = [
         Refusal::AccessDenied,
         Refusal::NoSuchService,
         Refusal::TooBig,
         Refusal::ConnectionLimit,
         Refusal::VersionMismatch,
         Refusal::Invalid,
+        Refusal::NoMemory,
     ];
 
     #[test]
@@ -799,7 +806,7 @@ mod tests {
             assert_eq!(ServerReply::decode(&reply.encode()), Ok(reply));
         }
         assert_eq!(Refusal::from_code(0), None);
-        assert_eq!(Refusal::from_code(7), None);
+        assert_eq!(Refusal::from_code(8), None);
     }
 
     #[test]
@@ -907,9 +914,9 @@ mod tests {
         let b = patched(
             ServerReply::Refused(Refusal::Invalid).encode().to_vec(),
             REPLY_STATUS,
-            &7u32.to_le_bytes(),
+            &8u32.to_le_bytes(),
         );
-        assert_eq!(ServerReply::decode(&b), Err(E::UnknownStatus { found: 7 }));
+        assert_eq!(ServerReply::decode(&b), Err(E::UnknownStatus { found: 8 }));
     }
 
     #[test]

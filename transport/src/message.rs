@@ -61,6 +61,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn service_codes_round_trip_and_reserved_codes_are_not_sendable() {
+        for code in [Status::SERVICE_BASE, 4242, u32::MAX] {
+            let s = Status::service(code).expect("a service code");
+            assert!(s.is_sendable());
+            assert_eq!(Status::from_code(s.code()), s, "code {code} round-trips");
+        }
+        for code in [0, 1, 5, 6, Status::SERVICE_BASE - 1] {
+            assert_eq!(Status::service(code), None);
+            assert!(!Status::Service(code).is_sendable(), "Service({code}) is not sendable");
+        }
+        assert!(!Status::Unknown(7).is_sendable());
+        assert!(Status::Ok.is_sendable() && Status::ShuttingDown.is_sendable());
+    }
+
+    #[test]
     fn header_round_trips_and_short_input_is_refused() {
         let h = MessageHeader { id: 7, flags: FLAG_ONEWAY, seq: u64::MAX - 3 };
         let mut msg = h.encode().to_vec();
@@ -87,7 +102,9 @@ pub enum Status {
     AccessDenied,
     /// The service or server is shutting down.
     ShuttingDown,
-    /// A service-defined error code (`>= SERVICE_BASE`).
+    /// A service-defined error code (`>= SERVICE_BASE`; build it with the
+    /// checked [`Status::service`]). A server refuses to send a smaller
+    /// one ([`Status::is_sendable`]).
     Service(u32),
     /// A code this version does not know.
     Unknown(u32),
@@ -107,6 +124,38 @@ impl Status {
             Self::AccessDenied => 4,
             Self::ShuttingDown => 5,
             Self::Service(c) | Self::Unknown(c) => c,
+        }
+    }
+
+    /// The service-defined status `code`, if it is one: `None` for codes
+    /// below [`SERVICE_BASE`](Self::SERVICE_BASE), which are reserved for
+    /// the meanings above (a `Service(0)` would arrive as success, a
+    /// `Service(1)` as "try again").
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroipc_transport::message::Status;
+    /// assert_eq!(Status::service(1042), Some(Status::Service(1042)));
+    /// assert_eq!(Status::service(5), None);
+    /// ```
+    pub const fn service(code: u32) -> Option<Self> {
+        if code >= Self::SERVICE_BASE {
+            Some(Self::Service(code))
+        } else {
+            None
+        }
+    }
+
+    /// Whether this status may be sent: every named status, and
+    /// `Service(code)` with `code >= SERVICE_BASE`. A `Service` code below
+    /// the base or an `Unknown` code would reach the client as something
+    /// else, so servers refuse to send them.
+    pub const fn is_sendable(self) -> bool {
+        match self {
+            Self::Service(c) => c >= Self::SERVICE_BASE,
+            Self::Unknown(_) => false,
+            _ => true,
         }
     }
 

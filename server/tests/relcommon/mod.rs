@@ -87,6 +87,29 @@ pub const CMD_STATS: u16 = 9;
 /// the first "try again"; answers the number sent (`u32`).
 pub const CMD_TICKLE: u16 = 11;
 
+/// Panics in the handler (the call must still be answered, the server must
+/// carry on).
+pub const CMD_PANIC: u16 = 12;
+/// Defers, then panics with the `Responder` still held: unwinding drops it,
+/// which must still answer.
+pub const CMD_PANIC_DEFERRED: u16 = 13;
+/// Payload `code: u32`: `respond_status(Status::Service(code))`; if the
+/// server refuses the status, answers the payload `refused` instead.
+pub const CMD_STATUS: u16 = 14;
+/// Payload `len: u32, ms: u32`: defers and answers `len` bytes `ms` later
+/// from another thread (which waits for ring space if the client does not
+/// read); reports `@@DEFER_DONE result=`.
+pub const CMD_DEFER_NOW: u16 = 15;
+/// Panics in the admission callback.
+pub const CMD_ADMIT_PANIC: u16 = 16;
+/// Makes this connection's disconnect callback panic.
+pub const CMD_PANIC_ON_DISCONNECT: u16 = 17;
+
+/// A service whose connect callback panics.
+pub const SVC_CONNECT_PANIC: u16 = 4;
+/// A service for which the authentication callback panics.
+pub const SVC_AUTH_PANIC: u16 = 5;
+
 /// Dispatched by [`SVC_REL`]'s connect callback: the connection id (`u64`).
 pub const DISPATCH_WELCOME: u32 = 100;
 pub const DISPATCH_STORM: u32 = 101;
@@ -128,6 +151,22 @@ pub const MAX_CONN: &str = "REL_MAX_CONN";
 /// How many times the disconnect callback asks to be retried.
 pub const RETRY: &str = "REL_RETRY";
 pub const HS_TIMEOUT_MS: &str = "REL_HS_TIMEOUT_MS";
+/// The server child lowers its soft descriptor limit to this before it
+/// builds the server.
+pub const NOFILE: &str = "REL_NOFILE";
+/// `total,per_uid` bytes: the server's memory budget.
+pub const MEM_BUDGET: &str = "REL_MEM_BUDGET";
+/// After the server started, the child takes descriptors until none is
+/// left but this many (someone else in the process used them up).
+pub const HOG_FDS_LEAVE: &str = "REL_HOG_FDS_LEAVE";
+/// Comma-separated command ids: [`SVC_REL`] refuses every other command
+/// ("invalid", the handler does not run). For hostile clients whose garbage
+/// can form any command id: a random `CMD_HOLD` or `CMD_LATE` would make the
+/// service keep a connection handle (and a thread) on purpose, which a
+/// resource baseline would then count as a leak.
+pub const ONLY_CMDS: &str = "REL_ONLY_CMDS";
+/// Sets `max_pending_handshakes`.
+pub const MAX_PENDING: &str = "REL_MAX_PENDING";
 /// What a client child does (see [`rel_client_process`]'s callers).
 pub const MODE: &str = "REL_MODE";
 /// A free-form argument of the client mode.
@@ -163,6 +202,8 @@ pub fn spawn_helper(helper: &str, envs: &[(&str, String)]) -> ChildProc {
 pub struct TestServer {
     pub proc: ChildProc,
     pub ep: String,
+    /// The server's `@@READY` line (`pid=`, `max_conns=`, resources).
+    pub ready: String,
 }
 
 impl TestServer {
@@ -172,8 +213,8 @@ impl TestServer {
         let mut all = vec![(EP, ep.clone())];
         all.extend(envs.iter().cloned());
         let mut proc = spawn_helper(SERVER_HELPER, &all);
-        proc.expect("READY", T);
-        Self { proc, ep }
+        let ready = proc.expect("READY", T);
+        Self { proc, ep, ready }
     }
 
     /// The server's own resource figures.
@@ -267,6 +308,7 @@ pub fn res_line(conns: usize) -> String {
 
 struct RelState {
     id: u64,
+    panic_on_disconnect: bool,
 }
 
 /// Process-wide state of the server child.
@@ -283,14 +325,30 @@ fn globals() -> &'static Globals {
 }
 
 fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
+    let only: Option<Vec<u16>> = std::env::var(ONLY_CMDS)
+        .ok()
+        .map(|v| v.split(',').map(|c| c.trim().parse().expect("command id")).collect());
     ServiceBuilder::new(SVC_REL, |conn: &Connection| {
         // Dispatch from inside the connect callback.
         let r = conn.try_dispatch(DISPATCH_WELCOME, &conn.id().to_le_bytes());
         report("CONNECTED", &format!("id={} welcome={r:?}", conn.id()));
-        Ok(RelState { id: conn.id() })
+        Ok(RelState { id: conn.id(), panic_on_disconnect: false })
+    })
+    .admission(move |request, _state, _conn| {
+        if only.as_ref().is_some_and(|o| !o.contains(&request.command())) {
+            return coroipc_server::Admission::Invalid;
+        }
+        if request.command() == CMD_ADMIT_PANIC {
+            panic!("test: admission callback panics");
+        }
+        coroipc_server::Admission::Allow
     })
     .on_disconnect(move |conn, state| {
         assert_eq!(conn.id(), state.id, "the state belongs to its connection");
+        if state.panic_on_disconnect {
+            report("DISC_PANIC", &format!("id={}", conn.id()));
+            panic!("test: disconnect callback panics");
+        }
         let mut d = globals().disconnects.lock().unwrap();
         let n = d.entry(conn.id()).or_insert(0);
         *n += 1;
@@ -376,6 +434,33 @@ fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
             );
         });
     })
+    .handler(CMD_PANIC, |_call| panic!("test: handler panics"))
+    .handler(CMD_PANIC_DEFERRED, |call| {
+        let _responder = call.defer();
+        panic!("test: handler panics holding a responder");
+    })
+    .handler(CMD_STATUS, |call| {
+        let code = le_u32(call.payload(), 0);
+        let conn = call.connection().clone();
+        match call.respond_status(coroipc_server::Status::Service(code)) {
+            Ok(()) => {}
+            Err(e) => report("STATUS_REFUSED", &format!("id={} code={code} err={e:?}", conn.id())),
+        }
+    })
+    .handler(CMD_DEFER_NOW, |call| {
+        let len = le_u32(call.payload(), 0) as usize;
+        let ms = le_u32(call.payload(), 4);
+        let r = call.defer();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms.into()));
+            let res = r.respond(&vec![7u8; len]);
+            report("DEFER_DONE", &format!("result={res:?}"));
+        });
+    })
+    .handler(CMD_PANIC_ON_DISCONNECT, |mut call| {
+        call.state().panic_on_disconnect = true;
+        let _ = call.respond(b"armed");
+    })
     .handler(CMD_STATS, |call| {
         let s = call.connection().stats();
         let v = [s.dispatched, s.flow_control_on, s.flow_control_off, s.requests, s.responses, s.retries];
@@ -436,6 +521,16 @@ fn other_service() -> ServiceBuilder<()> {
     })
 }
 
+fn connect_panic_service() -> ServiceBuilder<()> {
+    ServiceBuilder::new(SVC_CONNECT_PANIC, |_| -> Result<(), Refusal> {
+        panic!("test: connect callback panics")
+    })
+}
+
+fn auth_panic_service() -> ServiceBuilder<()> {
+    ServiceBuilder::new(SVC_AUTH_PANIC, |_| Ok(()))
+}
+
 fn priv_service() -> ServiceBuilder<()> {
     ServiceBuilder::new(SVC_PRIV, |_| Ok(())).handler(CMD_ECHO, |call| {
         let p = call.payload();
@@ -486,12 +581,22 @@ fn handle_control(handle: &ServerHandle, line: &str) {
 fn rel_server_process() {
     let Ok(ep) = std::env::var(EP) else { return };
     let retry = env_num(RETRY).unwrap_or(0) as u32;
+    if let Some(n) = env_num(NOFILE) {
+        use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+        let hard = getrlimit(Resource::Nofile).maximum;
+        setrlimit(Resource::Nofile, Rlimit { current: Some(n), maximum: hard }).expect("lower RLIMIT_NOFILE");
+    }
     let mut b = Server::builder()
         .endpoint(&ep)
         .service(rel_service(retry))
         .service(other_service())
         .service(priv_service())
+        .service(connect_panic_service())
+        .service(auth_panic_service())
         .auth(|cred, service| {
+            if service == SVC_AUTH_PANIC {
+                panic!("test: authentication callback panics");
+            }
             if service == SVC_PRIV && cred.uid != 0xfffe_fffe {
                 Err(Refusal::AccessDenied)
             } else {
@@ -504,9 +609,30 @@ fn rel_server_process() {
     if let Some(ms) = env_num(HS_TIMEOUT_MS) {
         b = b.handshake_timeout(Duration::from_millis(ms));
     }
+    if let Some(n) = env_num(MAX_PENDING) {
+        b = b.max_pending_handshakes(n as usize);
+    }
+    if let Ok(v) = std::env::var(MEM_BUDGET) {
+        let (total, per_uid) = v.split_once(',').expect("total,per_uid");
+        b = b.memory_budget(total.parse().expect("total"), per_uid.parse().expect("per uid"));
+    }
     let server = b.build().expect("build the server");
+    let max_conns = server.max_connections();
     let (handle, _join) = server.spawn().expect("spawn the server loop");
-    report("READY", &format!("pid={} {}", std::process::id(), res_line(0)));
+    let line = res_line(0);
+    let mut hogged = Vec::new();
+    if let Some(leave) = env_num(HOG_FDS_LEAVE) {
+        while let Ok(fd) = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC) {
+            hogged.push(fd);
+        }
+        for _ in 0..leave {
+            hogged.pop();
+        }
+    }
+    report(
+        "READY",
+        &format!("pid={} max_conns={max_conns} hogged={} {line}", std::process::id(), hogged.len()),
+    );
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
         handle_control(&handle, &line);
