@@ -399,9 +399,9 @@ mod tests {
 
     /// The peer publishes right after the waiter's last check before it
     /// announces. The ready check plays the peer: the first check made
-    /// while nobody is announced publishes a record and notifies through
-    /// the other mapping, and every check made while nobody is announced
-    /// answers "not ready" — what the waiter would see if the record had
+    /// before the waiter ever announced publishes a record and notifies
+    /// through the other mapping, and every check made before the first
+    /// announcement answers "not ready" — what the waiter would see if the record had
     /// landed just after its last such check, wherever that is. The
     /// notification finds no waiter and wakes nobody, so only the re-check
     /// after announcing can see the record; a waiter that sleeps instead
@@ -418,8 +418,10 @@ mod tests {
             let liveness = Liveness { stream: &stream, control: Control::new(&a, 0), peer: Side::Server };
             let timeouts = AtomicU32::new(0);
             let mut published = false;
+            let mut announced = false;
             let ready = || {
-                if !rx.data_wait().has_waiters() {
+                announced |= rx.data_wait().has_waiters();
+                if !announced {
                     if !published {
                         published = true;
                         let _ = tx.try_push(b"just too late").expect("room");
