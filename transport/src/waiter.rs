@@ -399,9 +399,9 @@ mod tests {
 
     /// The peer publishes right after the waiter's last check before it
     /// announces. The ready check plays the peer: the first check made
-    /// before the waiter ever announced publishes a record and notifies
-    /// through the other mapping, and every check made before the first
-    /// announcement answers "not ready" — what the waiter would see if the record had
+    /// before the waiter ever announced (or slept) publishes a record and
+    /// notifies through the other mapping, and every such check answers
+    /// "not ready" — what the waiter would see if the record had
     /// landed just after its last such check, wherever that is. The
     /// notification finds no waiter and wakes nobody, so only the re-check
     /// after announcing can see the record; a waiter that sleeps instead
@@ -417,10 +417,15 @@ mod tests {
             let (stream, _peer_end) = Stream::pair().expect("socketpair");
             let liveness = Liveness { stream: &stream, control: Control::new(&a, 0), peer: Side::Server };
             let timeouts = AtomicU32::new(0);
+            let slept = std::cell::Cell::new(false);
+            let observe = |end| {
+                slept.set(true);
+                counting(&timeouts)(end);
+            };
             let mut published = false;
             let mut announced = false;
             let ready = || {
-                announced |= rx.data_wait().has_waiters();
+                announced |= rx.data_wait().has_waiters() || slept.get();
                 if !announced {
                     if !published {
                         published = true;
@@ -440,7 +445,7 @@ mod tests {
                 deadline,
                 WaitPolicy::sleep_only(mode),
                 LIVENESS_SLICE,
-                &counting(&timeouts),
+                &observe,
             );
             assert_eq!(result, Ok(()), "{mode:?}: the record is there");
             assert!(published, "{mode:?}: the peer published");
