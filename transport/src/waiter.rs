@@ -1,7 +1,7 @@
 //! Adaptive waiting: spin for a time budget, then sleep in the kernel, and
 //! notice a dead peer while asleep.
 //!
-//! Why (DESIGN.md §5, figures in `benches/README.md`): on the 2-vCPU virtual
+//! Why (figures in `benches/README.md`): on the 2-vCPU virtual
 //! machines this project runs on, a kernel sleep/wake round trip between two
 //! processes costs tens of microseconds while a spinning cache-line round
 //! trip costs about a tenth of a microsecond. A waiter whose peer answers at
