@@ -9,13 +9,22 @@ cd "$(dirname "$0")"
 seconds="${FUZZ_SECONDS:-30}"
 
 if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
-    echo "fuzz smoke: skipped, no nightly toolchain (cargo-fuzz needs one: rustup toolchain install nightly)"
-    exit 0
+    if [ "${CI:-}" = true ]; then
+        # In CI a missing toolchain must not turn the fuzz run into a pass.
+        echo "fuzz smoke: no nightly toolchain, installing it"
+        if ! rustup toolchain install nightly --profile minimal; then
+            echo "fuzz smoke: FAILED: no nightly toolchain and it cannot be installed (CI=true)"
+            exit 1
+        fi
+    else
+        echo "fuzz smoke: skipped, no nightly toolchain (cargo-fuzz needs one: rustup toolchain install nightly; with CI=true this is a failure)"
+        exit 0
+    fi
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz smoke: installing cargo-fuzz"
-    cargo install --locked cargo-fuzz
+    cargo install --locked cargo-fuzz   # set -e: a failed install fails the run
 fi
 
 cargo +nightly fuzz build

@@ -146,6 +146,8 @@ impl Data {
     pub(crate) fn load_word(&self, offset: usize) -> u64 {
         self.check(offset, 8);
         debug_assert_eq!(offset % 8, 0);
+        #[cfg(any(test, fuzzing))]
+        fetch_audit::record(self.base.as_ptr() as usize + offset);
         // SAFETY: in bounds (checked) and 8-aligned (base is 128-aligned plus
         // a multiple of 8). Volatile: the value is fetched once into a local
         // and never re-read, whatever the peer writes afterwards.
@@ -184,6 +186,53 @@ impl Data {
         self.check(offset, len);
         // SAFETY: in bounds (checked).
         unsafe { self.base.as_ptr().add(offset) }
+    }
+}
+
+/// Starts one operation of the double-fetch audit (module `fetch_audit`):
+/// from here on, each word of a data area may be loaded at most once. A
+/// no-op outside unit tests and fuzz builds.
+#[inline(always)]
+pub(crate) fn begin_fetch_audit() {
+    #[cfg(all(any(test, fuzzing), not(coroipc_loom)))]
+    fetch_audit::begin();
+}
+
+/// The double-fetch audit, compiled into the crate's unit tests and into
+/// fuzz builds (`--cfg fuzzing`, set by cargo-fuzz) only.
+///
+/// Every word of a data area is written by the peer, so the ring must load
+/// it once per use, validate the local copy and never look again: a second
+/// load can return a different value than the one that was validated.
+/// Operations that read data words call [`begin_fetch_audit`] first (the
+/// consumer's `try_peek` at its start and after each fresh capture of the
+/// producer position, since a new capture may legitimately revisit an index
+/// one lap later); [`Data::load_word`] then records the address of each load
+/// and panics on the second load of the same word within the operation.
+#[cfg(all(any(test, fuzzing), not(coroipc_loom)))]
+pub(crate) mod fetch_audit {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static LOADED: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Forgets the loads of the previous operation.
+    pub(crate) fn begin() {
+        LOADED.with(|l| l.borrow_mut().clear());
+    }
+
+    /// Records a load of the word at `addr`; panics if the current operation
+    /// loaded it before.
+    pub(crate) fn record(addr: usize) {
+        LOADED.with(|l| {
+            let mut l = l.borrow_mut();
+            assert!(
+                !l.contains(&addr),
+                "double fetch: the shared word at {addr:#x} was loaded twice in one operation"
+            );
+            l.push(addr);
+        });
     }
 }
 

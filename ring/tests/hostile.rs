@@ -262,3 +262,76 @@ fn positions_near_the_top_of_u64_are_corruption_not_overflow() {
     r.poke_u64(TAIL, 1 << 63);
     assert!(matches!(rx.try_peek(), Err(PopError::Corrupt(Corruption::Tail { .. }))));
 }
+
+/// Rings the way the tests above build them (largest records) and the way
+/// the transport builds its rings (a `max_record` far below half the
+/// capacity).
+fn bounds_configs() -> Vec<RingConfig> {
+    vec![
+        RingConfig::new(1024),
+        RingConfig::new(1024).with_max_record(64),
+        RingConfig::new(1024).with_max_record(8).with_watermarks(Watermarks { high: 768, low: 256 }),
+        RingConfig::new(4096).with_max_record(200),
+    ]
+}
+
+/// The end-of-area check on its own: the peer publishes a whole capacity
+/// (so the record is far inside the published span), puts the consumer's
+/// position 8 bytes before the end of the data area, and writes a data
+/// record there that is short enough for `max_record` but crosses the end.
+/// Only the end-of-area check can report it; without that check the
+/// consumer hands out a grant past the data area (mutant
+/// `verification/mutants/peek-no-end-check.patch`, which this test kills).
+#[test]
+fn a_record_crossing_the_end_of_the_data_area_is_reported_as_such() {
+    let data = u64::from(u32::from_le_bytes(*b"DATA"));
+    for config in bounds_configs() {
+        let cap = config.capacity as usize;
+        for len in [1u64, 8, config.max_record] {
+            let r = Ring::new(config);
+            let head = (cap - 8) as u64;
+            r.poke_u64(HEAD, head);
+            r.poke_u64(TAIL, head + cap as u64);
+            r.poke_u64(DATA + cap - 8, (data << 32) | len);
+            let mut rx = r.consumer();
+            assert_eq!(
+                rx.try_peek().unwrap_err(),
+                PopError::Corrupt(Corruption::RecordCrossesEnd {
+                    index: head,
+                    size: 8 + len.div_ceil(8) * 8
+                }),
+                "capacity {cap}, max record {}, len {len}",
+                config.max_record
+            );
+        }
+    }
+}
+
+/// The maximum-record check on its own: a data record one byte (and one
+/// word) longer than `max_record`, at index 0 of a ring whose whole
+/// capacity is published, so it neither crosses the end nor passes the
+/// tail. Only the maximum-record check can report it; without that check
+/// the consumer hands out a record longer than the ring promises (mutant
+/// `verification/mutants/peek-no-max-record-check.patch`, killed here).
+#[test]
+fn a_record_longer_than_max_record_inside_the_published_span_is_too_long() {
+    let data = u64::from(u32::from_le_bytes(*b"DATA"));
+    for config in bounds_configs() {
+        let cap = config.capacity;
+        for len in [config.max_record + 1, config.max_record + 8] {
+            let r = Ring::new(config);
+            r.poke_u64(TAIL, cap);
+            r.poke_u64(DATA, (data << 32) | len);
+            let mut rx = r.consumer();
+            assert_eq!(
+                rx.try_peek().unwrap_err(),
+                PopError::Corrupt(Corruption::RecordTooLong(len)),
+                "capacity {cap}, max record {}, len {len}",
+                config.max_record
+            );
+            // The largest allowed record at the same place is fine.
+            r.poke_u64(DATA, (data << 32) | config.max_record);
+            assert_eq!(rx.try_peek().expect("max_record is allowed").len() as u64, config.max_record);
+        }
+    }
+}

@@ -14,7 +14,7 @@
 //! wake a waiter in another process. The test
 //! `wake_reaches_a_waiter_through_a_second_mapping` checks exactly that.
 //!
-//! Cost (DESIGN.md §5): on the 2-vCPU machines this project is measured on a
+//! Cost (`benches/README.md`): on the 2-vCPU machines this project is measured on a
 //! futex sleep/wake round trip between two processes costs about 45 µs, so
 //! callers spin for a time budget before calling [`wait`], and call [`wake`]
 //! only when the shared word says somebody sleeps.

@@ -79,6 +79,25 @@ fn release_notify_wakes_a_producer_waiting_for_space() {
     });
 }
 
+/// `release_notify` on a ring without watermarks (the dispatch ring's
+/// default): no flow-control handshake needs the fence, so the release
+/// issues it for the wait handshake alone. Without it the head store and
+/// the waiters load are not ordered against the producer's announcement
+/// (store buffering): the consumer reads `waiters == 0` while the producer
+/// re-checks against the old head, and the producer sleeps forever (loom:
+/// deadlock). Shown to have teeth: removing the `fence` in the
+/// `always_fence` branch of `Consumer::publish_head_fenced` makes this model
+/// fail with a deadlock (`verification/mutants/release-notify-no-fence.patch`).
+#[test]
+fn release_notify_without_watermarks_wakes_a_producer_waiting_for_space() {
+    producer_waits_for_space(RingConfig::new(64), |rx, futex| {
+        let grant = rx.try_peek().expect("the ring is full");
+        let bytes = grant.to_vec();
+        let _ = grant.release_notify(futex);
+        bytes
+    });
+}
+
 #[test]
 fn both_directions_at_once_lose_no_wake_up() {
     // Producer pushes two 32-byte records into a 64-byte ring and then a

@@ -20,12 +20,13 @@ prop_state_machine! {
     fn spsc_ring_matches_vecdeque_model(sequential 1..400 => RingTest<Spsc>);
 }
 
-/// Ring finding, see README: a release that happens while `try_peek` skips
-/// a padding record (ring/src/consumer.rs, `let _ = self.publish_head()` in
-/// the `Kind::Padding` arm) can switch flow control off, and the resulting
-/// `FlowChange::Cleared` is dropped: nobody is told. The state machine above
-/// models these as silent transitions; this test states the intended
-/// pairing and fails until the ring reports them.
+/// Regression test of a ring finding (see README): a release that happens
+/// while `try_peek` skips a padding record can switch flow control off; the
+/// resulting `FlowChange::Cleared` used to be dropped. The consumer now
+/// keeps it and reports it from the next `ReadGrant::release`, and this test
+/// checks that every transition is reported once. (The state machine above
+/// still allows silent transitions where the API documents them:
+/// `try_pop`/`try_pop_vec` and a dropped MPSC grant.)
 #[test]
 fn every_flow_transition_is_reported_once() {
     use std::sync::Arc;
