@@ -55,6 +55,7 @@
 
 mod connection;
 mod error;
+mod outbound;
 pub mod poll;
 mod server;
 mod service;
@@ -62,10 +63,12 @@ mod stats;
 
 pub use connection::{Connection, ConnectionId, Credentials};
 pub use coroipc_ring::FlowState;
+pub use coroipc_transport::control::DisconnectReason;
 pub use coroipc_transport::channel::Limits;
 pub use coroipc_transport::handshake::{Refusal, RingSizes};
 pub use coroipc_transport::message::Status;
 pub use error::{DispatchError, RespondError, ServerBuildError};
+pub use outbound::{OutboundLimits, OverflowPolicy};
 pub use poll::{EpollPoller, Poller, Token};
 pub use server::{AuthFn, Server, ServerBuilder, ServerHandle, LISTENER_TOKEN, WAKER_TOKEN};
 pub use service::{Admission, Call, Disconnect, Handler, Request, Responder, ServiceBuilder};

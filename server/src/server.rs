@@ -570,6 +570,11 @@ impl Server {
         // Connections stalled on a full response ring: retry them.
         let ids: Vec<_> = self.conns.keys().copied().collect();
         for id in ids {
+            // Outbound dispatch queues: drained by their own threads; this
+            // is the fallback if one could not be started.
+            if let Some(e) = self.conns.get(&id) {
+                e.conn.drain_outbound();
+            }
             if self.conns.get(&id).is_some_and(|e| e.conn.inner.channel.has_request()) {
                 self.serve(id, poller);
             }
@@ -663,8 +668,14 @@ impl Server {
                 return;
             }
         };
-        let conn =
-            Connection::new(id, service.id(), channel, self.shared.waker.clone(), self.response_timeout);
+        let conn = Connection::new(
+            id,
+            service.id(),
+            channel,
+            self.shared.waker.clone(),
+            self.response_timeout,
+            service.outbound(),
+        );
         if let Err(e) = poller.register(conn.inner.channel.socket_fd(), Token(id)) {
             log::warn!("client {id}: cannot register: {e}");
             return;

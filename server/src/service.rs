@@ -12,6 +12,7 @@ use coroipc_transport::message::Status;
 
 use crate::connection::Connection;
 use crate::error::RespondError;
+use crate::outbound::OutboundLimits;
 
 /// A request as a handler sees it: in server-private memory (copied out of
 /// the shared ring before any handler runs, so a client cannot change it
@@ -267,6 +268,7 @@ pub struct ServiceBuilder<S> {
     selector: Option<SelectorFn<S>>,
     admission: Option<AdmissionFn<S>>,
     max_connections: Option<usize>,
+    outbound: OutboundLimits,
 }
 
 impl<S: Send + 'static> ServiceBuilder<S> {
@@ -282,6 +284,7 @@ impl<S: Send + 'static> ServiceBuilder<S> {
             selector: None,
             admission: None,
             max_connections: None,
+            outbound: OutboundLimits::default(),
         }
     }
 
@@ -320,6 +323,15 @@ impl<S: Send + 'static> ServiceBuilder<S> {
         self
     }
 
+    /// Sets the bound and overflow policy of each connection's outbound
+    /// dispatch queue (see [`Connection::dispatch`]); the default is
+    /// [`OutboundLimits::default`] (1 MiB, then the client is disconnected
+    /// as too slow).
+    pub fn outbound(mut self, limits: OutboundLimits) -> Self {
+        self.outbound = limits;
+        self
+    }
+
     /// Limits the number of simultaneous connections to this service.
     pub fn max_connections(mut self, n: usize) -> Self {
         self.max_connections = Some(n);
@@ -338,6 +350,7 @@ pub(crate) type State = Box<dyn Any + Send>;
 pub(crate) trait ServiceDyn: Send + Sync {
     fn id(&self) -> u16;
     fn max_connections(&self) -> Option<usize>;
+    fn outbound(&self) -> OutboundLimits;
     fn connect(&self, conn: &Connection) -> Result<State, Refusal>;
     /// Admission, selection and the handler; answers itself on refusal.
     fn handle(&self, state: &mut State, conn: &Connection, request: Request<'_>) -> Outcome;
@@ -359,6 +372,10 @@ impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
 
     fn max_connections(&self) -> Option<usize> {
         self.max_connections
+    }
+
+    fn outbound(&self) -> OutboundLimits {
+        self.outbound
     }
 
     fn connect(&self, conn: &Connection) -> Result<State, Refusal> {

@@ -44,7 +44,7 @@ use coroipc_ring::{
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::bell::Bell;
-use crate::control::{Control, Side, CONTROL_LEN};
+use crate::control::{Control, DisconnectReason, Side, CONTROL_LEN};
 use crate::eventfd::EventFd;
 use crate::handshake::{
     Accepted, ClientHello, HandshakeDecodeError, Refusal, Region, RingSizes, SegmentLayout, ServerReply,
@@ -653,6 +653,18 @@ impl ServerChannel {
     /// Whether the client is still there (state word and socket).
     pub fn peer_alive(&self) -> bool {
         self.liveness().peer_alive()
+    }
+
+    /// Sets the control block's "dispatch messages queued" flag, which the
+    /// client reads as dispatch flow control (see [`crate::control`]).
+    pub fn set_dispatch_queued(&self, queued: bool) {
+        self.control().set_dispatch_queued(queued);
+    }
+
+    /// Records why the server is about to close the connection (the first
+    /// reason given wins); the client reads it once it sees the close.
+    pub fn set_disconnect_reason(&self, reason: DisconnectReason) {
+        self.control().set_disconnect_reason(reason);
     }
 
     /// Closes the connection because the service or the server shuts down:
