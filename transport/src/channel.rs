@@ -1021,8 +1021,13 @@ impl ClientChannel {
         self.control().request_paused()
     }
 
-    /// The dispatch ring's flow-control state.
+    /// Dispatch flow control: `On` while the server holds dispatch
+    /// messages for this client in its outbound queue, or the dispatch
+    /// ring is above its high watermark (until it drains to the low one).
     pub fn dispatch_flow(&self) -> FlowState {
+        if self.control().dispatch_queued() {
+            return FlowState::On;
+        }
         self.dispatch.flow_state()
     }
 
