@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use coroipc_transport::channel::{negotiate, ChannelError, Limits, PendingHandshake};
+use coroipc_transport::control::DisconnectReason;
 use coroipc_transport::eventfd::EventFd;
 use coroipc_transport::handshake::{HandshakeDecodeError, Refusal, RingSizes};
 use coroipc_transport::message::{MessageHeader, FLAG_ONEWAY, HEADER_LEN, KNOWN_FLAGS};
@@ -508,6 +509,7 @@ impl Server {
                 self.conns.iter().filter(|(_, e)| e.service.id() == service).map(|(id, _)| *id).collect();
             for id in ids {
                 if let Some(e) = self.conns.get(&id) {
+                    e.conn.inner.channel.set_disconnect_reason(DisconnectReason::ServiceShutdown);
                     e.conn.inner.channel.close_shutting_down();
                 }
                 self.close_connection(id, poller, "service shut down");
@@ -767,6 +769,10 @@ impl Server {
                 Ok(false) => break,
                 Err(e) => {
                     Self::count_error(&conn);
+                    channel.set_disconnect_reason(match e {
+                        ChannelError::Corrupt(_) => DisconnectReason::CorruptMemory,
+                        _ => DisconnectReason::ProtocolViolation,
+                    });
                     self.close_connection(id, poller, &format!("protocol violation: {e}"));
                     return handled;
                 }
@@ -774,11 +780,13 @@ impl Server {
             handled += 1;
             let Some(header) = MessageHeader::decode(&self.scratch) else {
                 Self::count_error(&conn);
+                channel.set_disconnect_reason(DisconnectReason::ProtocolViolation);
                 self.close_connection(id, poller, "request shorter than its header");
                 return handled;
             };
             if header.flags & !KNOWN_FLAGS != 0 || header.id > u32::from(u16::MAX) {
                 Self::count_error(&conn);
+                channel.set_disconnect_reason(DisconnectReason::ProtocolViolation);
                 self.close_connection(id, poller, "request with unknown flags or command");
                 return handled;
             }
@@ -849,6 +857,7 @@ impl Server {
         let ids: Vec<_> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(e) = self.conns.get(&id) {
+                e.conn.inner.channel.set_disconnect_reason(DisconnectReason::ServerShutdown);
                 e.conn.inner.channel.close_shutting_down();
             }
             self.close_connection(id, poller, "server shutting down");

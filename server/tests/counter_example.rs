@@ -12,7 +12,7 @@ mod counter_server;
 
 use std::time::{Duration, Instant};
 
-use coroipc_client::{Client, Error, Sizes};
+use coroipc_client::{Client, DisconnectReason, Error, Sizes};
 use coroipc_testkit::{report, ChildProc};
 
 const SVC: u16 = 2;
@@ -117,7 +117,7 @@ fn a_client_that_never_reads_does_not_slow_or_starve_a_reader() {
         }
     };
     assert!(got < N, "the stalled client cannot have been sent everything (got {got})");
-    assert!(matches!(end, Error::ConnectionLost), "then the connection ends: {end:?}");
+    assert!(matches!(end, Error::Disconnected(DisconnectReason::TooSlow)), "then it is told it was too slow: {end:?}");
 }
 
 #[test]

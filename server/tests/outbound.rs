@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use coroipc_client::{Client, Error, FlowState, Sizes};
+use coroipc_client::{Client, DisconnectReason, Error, FlowState, Sizes};
 use coroipc_server::{
     Connection, DispatchError, OutboundLimits, OverflowPolicy, Server, ServiceBuilder,
 };
@@ -178,7 +178,7 @@ fn under_the_disconnect_policy_a_client_over_the_bound_is_disconnected_not_silen
         }
     };
     assert!(got < error, "the refused message and those after it were never delivered");
-    assert!(matches!(end, Error::ConnectionLost), "{end:?}");
+    assert!(matches!(end, Error::Disconnected(DisconnectReason::TooSlow)), "the client learns why: {end:?}");
 }
 
 #[test]

@@ -79,9 +79,9 @@ pub enum ChannelError {
     },
     /// The peer closed the connection or died.
     PeerGone,
-    /// The server closed the connection because the service or the whole
-    /// server is shutting down.
-    ShuttingDown,
+    /// (Client side) the server closed the connection or died, and this is
+    /// why (see [`DisconnectReason`]).
+    Disconnected(DisconnectReason),
     /// The peer corrupted shared memory; the connection must be dropped.
     Corrupt(Corruption),
 }
@@ -94,7 +94,7 @@ impl fmt::Display for ChannelError {
             Self::TooBig { len, max } => write!(f, "message of {len} bytes exceeds maximum {max}"),
             Self::BufferTooSmall { needed } => write!(f, "buffer too small: message has {needed} bytes"),
             Self::PeerGone => f.write_str("connection lost"),
-            Self::ShuttingDown => f.write_str("shutting down"),
+            Self::Disconnected(reason) => write!(f, "{reason}"),
             Self::Corrupt(c) => write!(f, "shared memory corrupt: {c}"),
         }
     }
@@ -1035,14 +1035,25 @@ impl ClientChannel {
         !self.control().is_open(Side::Server)
     }
 
-    /// The error for a server that went away: "shutting down" if it said
-    /// so, "connection lost" otherwise.
-    fn lost(&self) -> ChannelError {
-        if self.control().server_shutting_down() {
-            ChannelError::ShuttingDown
-        } else {
-            ChannelError::PeerGone
+    /// Why the server went away: the reason it wrote into the control
+    /// block before closing its side (validated: an unknown value is
+    /// [`DisconnectReason::Unknown`]); [`DisconnectReason::ServerDied`] if
+    /// it never closed its side (killed, crashed). Meaningful once a call
+    /// failed because the server is gone.
+    pub fn disconnect_reason(&self) -> DisconnectReason {
+        let control = self.control();
+        if control.is_open(Side::Server) {
+            return DisconnectReason::ServerDied;
         }
+        match control.disconnect_reason() {
+            Some(reason) => reason,
+            None if control.server_shutting_down() => DisconnectReason::ServerShutdown,
+            None => DisconnectReason::Unknown,
+        }
+    }
+
+    fn lost(&self) -> ChannelError {
+        ChannelError::Disconnected(self.disconnect_reason())
     }
 
     fn reason(&self, e: ChannelError) -> ChannelError {

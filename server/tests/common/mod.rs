@@ -651,6 +651,9 @@ fn test_server_process() {
 // ---------------------------------------------------------------------------
 
 fn error_name(e: &Error) -> String {
+    if let Error::Disconnected(reason) = e {
+        return format!("Disconnected.{reason:?}");
+    }
     format!("{e:?}").split(['(', ' ', '{']).next().unwrap_or("?").to_string()
 }
 
@@ -714,9 +717,9 @@ fn test_client_process() {
     }
 }
 
-/// Whether `err` is `ConnectionLost`.
+/// Whether `err` is `Disconnected` (any reason).
 pub fn is_lost<T: std::fmt::Debug>(r: &Result<T, Error>) -> bool {
-    matches!(r, Err(Error::ConnectionLost))
+    matches!(r, Err(Error::Disconnected(_)))
 }
 
 /// The fields of a `SERVER_STATS`/`CONN_STATS` line.

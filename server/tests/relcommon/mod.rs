@@ -537,6 +537,7 @@ pub fn error_name(e: &Error) -> String {
     match e {
         Error::Protocol(_) => "Protocol".into(),
         Error::Io(_) => "Io".into(),
+        Error::Disconnected(reason) => format!("Disconnected.{reason:?}"),
         other => format!("{other:?}").split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?").to_string(),
     }
 }
@@ -663,7 +664,7 @@ pub fn next_tag() -> u64 {
 }
 
 pub fn is_lost<T: std::fmt::Debug>(r: &Result<T, Error>) -> bool {
-    matches!(r, Err(Error::ConnectionLost))
+    matches!(r, Err(Error::Disconnected(_)))
 }
 
 /// `CLOCK_MONOTONIC` in ns: one clock for all processes of the host.
