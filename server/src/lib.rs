@@ -63,8 +63,8 @@ mod stats;
 
 pub use connection::{Connection, ConnectionId, Credentials};
 pub use coroipc_ring::FlowState;
-pub use coroipc_transport::control::DisconnectReason;
 pub use coroipc_transport::channel::Limits;
+pub use coroipc_transport::control::DisconnectReason;
 pub use coroipc_transport::handshake::{Refusal, RingSizes};
 pub use coroipc_transport::message::Status;
 pub use error::{DispatchError, RespondError, ServerBuildError};

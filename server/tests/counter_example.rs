@@ -74,7 +74,7 @@ fn a_client_that_never_reads_does_not_slow_or_starve_a_reader() {
         .connect()
         .expect("connect the stalled client");
     call_i64(&stalled, CMD_GET, b"").expect("registered"); // its connect callback ran
-    // The reader, on its own thread: every notification, in order.
+                                                           // The reader, on its own thread: every notification, in order.
     let reader = Client::connect(&ep, SVC).expect("connect the reader");
     assert_eq!(call_i64(&reader, CMD_GET, b"").expect("get"), 0);
     let reading = std::thread::spawn(move || {
@@ -117,7 +117,10 @@ fn a_client_that_never_reads_does_not_slow_or_starve_a_reader() {
         }
     };
     assert!(got < N, "the stalled client cannot have been sent everything (got {got})");
-    assert!(matches!(end, Error::Disconnected(DisconnectReason::TooSlow)), "then it is told it was too slow: {end:?}");
+    assert!(
+        matches!(end, Error::Disconnected(DisconnectReason::TooSlow)),
+        "then it is told it was too slow: {end:?}"
+    );
 }
 
 #[test]
@@ -126,7 +129,10 @@ fn bad_input_gets_an_error_answer_and_the_server_stays_up() {
     let client = Client::connect(&ep, SVC).expect("connect");
     assert_eq!(call_i64(&client, CMD_ADD, &i64::MAX.to_le_bytes()).expect("add"), i64::MAX);
     let r = call_i64(&client, CMD_ADD, &1i64.to_le_bytes());
-    assert!(matches!(r, Err(Error::Service(c)) if c == counter_server::ERR_OVERFLOW), "overflow is an error answer: {r:?}");
+    assert!(
+        matches!(r, Err(Error::Service(c)) if c == counter_server::ERR_OVERFLOW),
+        "overflow is an error answer: {r:?}"
+    );
     let r = call_i64(&client, CMD_ADD, b"abc");
     assert!(matches!(r, Err(Error::Invalid)), "a malformed amount is invalid: {r:?}");
     assert_eq!(call_i64(&client, CMD_GET, b"").expect("the server is still up"), i64::MAX);

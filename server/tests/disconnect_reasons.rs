@@ -6,7 +6,6 @@
 //! `counter_example.rs`.
 
 mod common;
-#[allow(dead_code)]
 mod relcommon;
 
 use std::time::Duration;

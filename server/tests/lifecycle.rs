@@ -151,7 +151,10 @@ fn shutdown_wakes_every_blocked_client_promptly() {
         let at = Instant::now();
         server.proc.command("shutdown", "OK");
         let (r, woke) = blocked.join().expect("blocked caller");
-        assert!(matches!(r, Err(Error::Disconnected(DisconnectReason::ServerShutdown))), "a shutdown says so: {r:?}");
+        assert!(
+            matches!(r, Err(Error::Disconnected(DisconnectReason::ServerShutdown))),
+            "a shutdown says so: {r:?}"
+        );
         assert!(woke.duration_since(at) < Duration::from_secs(1), "woken in {:?}", woke.duration_since(at));
     });
     let remote_result = remote.expect("CALL_RESULT", T);

@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, DisconnectReason, Error, FlowState, Sizes};
-use coroipc_server::{
-    Connection, DispatchError, OutboundLimits, OverflowPolicy, Server, ServiceBuilder,
-};
+use coroipc_server::{Connection, DispatchError, OutboundLimits, OverflowPolicy, Server, ServiceBuilder};
 use coroipc_testkit::{field, le_u32, num, report, ChildProc};
 
 const SVC: u16 = 1;
@@ -128,7 +126,8 @@ fn receive_burst(client: &Client, n: u32, first_seq: u64) {
     let deadline = Instant::now() + T;
     for i in 0..n {
         let left = deadline.saturating_duration_since(Instant::now());
-        let info = client.recv_dispatch(&mut buf, Some(left)).unwrap_or_else(|e| panic!("message {i}: {e:?}"));
+        let info =
+            client.recv_dispatch(&mut buf, Some(left)).unwrap_or_else(|e| panic!("message {i}: {e:?}"));
         assert_eq!(info.id, MSG_BURST);
         assert_eq!(le_u32(&buf, 0), i, "in order, none lost");
         assert_eq!(info.seq, first_seq + u64::from(i), "consecutive sequence numbers");

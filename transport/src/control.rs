@@ -260,13 +260,18 @@ mod tests {
     #[test]
     fn reason_codes_round_trip_and_unknown_values_read_as_unknown() {
         use DisconnectReason::*;
-        for r in [ServerShutdown, ServiceShutdown, ByServer, TooSlow, ProtocolViolation, CorruptMemory, ServerDied]
+        for r in
+            [ServerShutdown, ServiceShutdown, ByServer, TooSlow, ProtocolViolation, CorruptMemory, ServerDied]
         {
             assert_eq!(DisconnectReason::from_code(r.code()), Some(r), "{r:?} round-trips");
         }
         assert_eq!(DisconnectReason::from_code(0), None, "0: no reason given");
         for hostile in [8, 1000, 0x8000_0000, u32::MAX] {
-            assert_eq!(DisconnectReason::from_code(hostile), Some(Unknown), "{hostile}: unknown, never a panic");
+            assert_eq!(
+                DisconnectReason::from_code(hostile),
+                Some(Unknown),
+                "{hostile}: unknown, never a panic"
+            );
         }
     }
 }
