@@ -18,14 +18,44 @@ use crate::error::{DispatchError, RespondError};
 use crate::outbound::{Outbound, OutboundLimits};
 use crate::stats::{Counters, Stats};
 
-/// Identifies a connection within its server.
-pub type ConnectionId = u64;
+/// Identifies a connection within its server: unique for the server's
+/// lifetime, never reused. Also the connection's [`Token`](crate::Token)
+/// value in a foreign event loop (see
+/// [`Server::handle_ready`](crate::Server::handle_ready)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnectionId(pub(crate) u64);
+
+impl ConnectionId {
+    /// The id as a number (as logged, and as its event-loop token).
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The id with number `n` (e.g. read back from a log or a token).
+    pub const fn from_raw(n: u64) -> Self {
+        Self(n)
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for ConnectionId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self)
+    }
+}
 
 /// The client's credentials, from the kernel (`SO_PEERCRED`).
 pub type Credentials = PeerCred;
 
 pub(crate) struct ConnInner {
-    pub(crate) id: ConnectionId,
+    pub(crate) id: u64,
     pub(crate) service: u16,
     pub(crate) channel: ServerChannel,
     pub(crate) counters: Counters,
@@ -69,7 +99,7 @@ impl fmt::Debug for Connection {
 
 impl Connection {
     pub(crate) fn new(
-        id: ConnectionId,
+        id: u64,
         service: u16,
         channel: ServerChannel,
         waker: Arc<EventFd>,
@@ -94,7 +124,7 @@ impl Connection {
 
     /// The connection's id, unique within the server's lifetime.
     pub fn id(&self) -> ConnectionId {
-        self.inner.id
+        ConnectionId(self.inner.id)
     }
 
     /// The service the client connected to.

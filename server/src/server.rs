@@ -18,6 +18,9 @@ use coroipc_transport::socket::{Endpoint, Listener};
 use coroipc_transport::waiter::spin_until;
 
 use crate::connection::{Connection, ConnectionId, Credentials};
+
+/// A connection's id inside the loop (its token): [`ConnectionId`]'s value.
+type RawId = u64;
 use crate::error::ServerBuildError;
 use crate::poll::{EpollPoller, Poller, Token};
 use crate::service::{Disconnect, Outcome, Request, ServiceBuilder, ServiceDyn, State};
@@ -197,7 +200,7 @@ struct Shared {
     waker: Arc<EventFd>,
     shutdown: AtomicBool,
     control: Mutex<ControlRequests>,
-    registry: Mutex<HashMap<ConnectionId, Connection>>,
+    registry: Mutex<HashMap<RawId, Connection>>,
     /// Counters of connections that are gone.
     closed_stats: Mutex<Stats>,
 }
@@ -286,10 +289,10 @@ pub struct Server {
     /// Looked up several times per request: keyed by the server's own
     /// sequential ids, so an identity hash is enough (SipHash showed in the
     /// rr64 profile).
-    conns: HashMap<ConnectionId, Entry, BuildHasherDefault<IdHasher>>,
+    conns: HashMap<RawId, Entry, BuildHasherDefault<IdHasher>>,
     closing: Vec<Closing>,
     /// Connections polled without arming (they had requests recently).
-    active: Vec<ConnectionId>,
+    active: Vec<RawId>,
     paused_services: Vec<u16>,
     scratch: Vec<u8>,
     stopped: bool,
@@ -353,7 +356,7 @@ impl ServerHandle {
 
     /// The connection with `id`, if open.
     pub fn connection(&self, id: ConnectionId) -> Option<Connection> {
-        lock(&self.shared.registry).get(&id).cloned()
+        lock(&self.shared.registry).get(&id.get()).cloned()
     }
 
     /// Server-wide counters: every connection, open or gone.
@@ -455,8 +458,8 @@ impl Server {
     /// hello of a pending client, or serves the requests of a connection and
     /// notices its hang-up.
     #[doc(alias = "coroipcs_handler_dispatch")]
-    pub fn handle_ready(&mut self, id: u64, poller: &mut dyn Poller) {
-        self.ready(id, poller);
+    pub fn handle_ready(&mut self, id: ConnectionId, poller: &mut dyn Poller) {
+        self.ready(id.get(), poller);
         self.arm_for_sleep(poller);
     }
 
@@ -741,7 +744,7 @@ impl Server {
 
     /// Serves up to a batch of requests of connection `id`.
     /// Returns how many were handled.
-    fn serve(&mut self, id: ConnectionId, poller: &mut dyn Poller) -> usize {
+    fn serve(&mut self, id: RawId, poller: &mut dyn Poller) -> usize {
         let Some(entry) = self.conns.get_mut(&id) else { return 0 };
         let conn = entry.conn.clone();
         let channel = &conn.inner.channel;
@@ -823,12 +826,12 @@ impl Server {
     fn unregister(&mut self, conn: &Connection, poller: &mut dyn Poller) {
         let _ = poller.deregister(conn.inner.channel.socket_fd());
         let _ = poller.deregister(conn.inner.channel.request_fd());
-        self.active.retain(|&a| a != conn.id());
+        self.active.retain(|&a| a != conn.id().get());
     }
 
     /// Closes a connection: wakes the client, runs the disconnect callback
     /// (again later if it asks), then forgets the connection.
-    fn close_connection(&mut self, id: ConnectionId, poller: &mut dyn Poller, why: &str) {
+    fn close_connection(&mut self, id: RawId, poller: &mut dyn Poller, why: &str) {
         let Some(mut entry) = self.conns.remove(&id) else { return };
         log::debug!("closing connection {id}: {why}");
         self.unregister(&entry.conn, poller);
@@ -848,7 +851,7 @@ impl Server {
     fn finish_close(&mut self, conn: Connection) {
         conn.inner.closed.store(true, Ordering::Release);
         conn.inner.channel.close();
-        lock(&self.shared.registry).remove(&conn.id());
+        lock(&self.shared.registry).remove(&conn.id().get());
         let mut closed = lock(&self.shared.closed_stats);
         *closed = Stats::sum([&*closed, &conn.stats()]);
     }

@@ -110,6 +110,13 @@ impl<'a, S> Call<'a, S> {
         self.connection
     }
 
+    /// Largest response payload this connection carries (its negotiated
+    /// maximum message less the 16-byte header); a larger response is
+    /// refused with `TooBig` and the client is answered [`Status::TooBig`].
+    pub fn max_payload(&self) -> usize {
+        self.connection.max_payload()
+    }
+
     /// Answers with `payload` (coroipc's `coroipcs_response_send`).
     ///
     /// # Errors
@@ -303,6 +310,45 @@ impl<S: Send + 'static> ServiceBuilder<S> {
     pub fn handler(mut self, command: u16, f: impl Fn(Call<'_, S>) + Send + Sync + 'static) -> Self {
         self.handlers.insert(command, Arc::new(f));
         self
+    }
+
+    /// Registers a handler whose result is the answer, so it can use `?`:
+    /// `Ok(bytes)` is sent as the response, `Err(e)` answers the error
+    /// status `e.into()` with no payload (make your error type
+    /// `Into<Status>`, e.g. a service code `Status::Service(1000 + n)`).
+    /// A handler that answered itself (e.g. with
+    /// [`Call::respond_vectored`]) cannot be written this way; use
+    /// [`handler`](Self::handler).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroipc_server::{ServiceBuilder, Status};
+    ///
+    /// let service = ServiceBuilder::new(1, |_| Ok(())).handler_result(0, |call| {
+    ///     let bytes: [u8; 8] = call.payload().try_into().map_err(|_| Status::Invalid)?;
+    ///     let n = u64::from_le_bytes(bytes).checked_mul(2).ok_or(Status::Service(1001))?;
+    ///     Ok::<_, Status>(n.to_le_bytes())
+    /// });
+    /// # let _ = service;
+    /// ```
+    pub fn handler_result<R, E>(
+        self,
+        command: u16,
+        f: impl Fn(&mut Call<'_, S>) -> Result<R, E> + Send + Sync + 'static,
+    ) -> Self
+    where
+        R: AsRef<[u8]>,
+        E: Into<Status>,
+    {
+        self.handler(command, move |mut call| match f(&mut call) {
+            Ok(bytes) => {
+                let _ = call.respond(bytes.as_ref());
+            }
+            Err(e) => {
+                let _ = call.respond_status(e.into());
+            }
+        })
     }
 
     /// Replaces the table lookup with a user-defined selector (coroipc's

@@ -355,8 +355,8 @@ fn env_num(key: &str) -> Option<u64> {
 fn echo_service(retry_disconnect: u32, parked: Arc<Mutex<Vec<Responder>>>) -> ServiceBuilder<EchoState> {
     ServiceBuilder::new(SVC_ECHO, |conn: &Connection| {
         report("CONNECT", &format!("id={} service={}", conn.id(), conn.service()));
-        conn.try_dispatch(DISPATCH_WELCOME, &conn.id().to_le_bytes()).expect("welcome dispatch fits");
-        Ok(EchoState { id: conn.id(), count: 0, disconnect_tries: 0 })
+        conn.try_dispatch(DISPATCH_WELCOME, &conn.id().get().to_le_bytes()).expect("welcome dispatch fits");
+        Ok(EchoState { id: conn.id().get(), count: 0, disconnect_tries: 0 })
     })
     .on_disconnect(move |conn, state: &mut EchoState| {
         state.disconnect_tries += 1;

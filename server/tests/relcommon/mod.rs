@@ -285,14 +285,14 @@ fn globals() -> &'static Globals {
 fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
     ServiceBuilder::new(SVC_REL, |conn: &Connection| {
         // Dispatch from inside the connect callback.
-        let r = conn.try_dispatch(DISPATCH_WELCOME, &conn.id().to_le_bytes());
+        let r = conn.try_dispatch(DISPATCH_WELCOME, &conn.id().get().to_le_bytes());
         report("CONNECTED", &format!("id={} welcome={r:?}", conn.id()));
-        Ok(RelState { id: conn.id() })
+        Ok(RelState { id: conn.id().get() })
     })
     .on_disconnect(move |conn, state| {
-        assert_eq!(conn.id(), state.id, "the state belongs to its connection");
+        assert_eq!(conn.id().get(), state.id, "the state belongs to its connection");
         let mut d = globals().disconnects.lock().unwrap();
-        let n = d.entry(conn.id()).or_insert(0);
+        let n = d.entry(conn.id().get()).or_insert(0);
         *n += 1;
         let calls = *n;
         drop(d);
