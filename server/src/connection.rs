@@ -1,9 +1,10 @@
 //! The cloneable connection handle (coroipc's reference-counted connection).
 
+use std::any::Any;
 use std::fmt;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use coroipc_ring::{FlowChange, FlowState};
@@ -74,6 +75,9 @@ pub(crate) struct ConnInner {
     /// Wakes the event loop (the server's waker eventfd).
     pub(crate) waker: Arc<EventFd>,
     pub(crate) response_timeout: Duration,
+    /// The service's per-connection context readable from any thread (see
+    /// [`Connection::set_context`]).
+    context: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
 }
 
 /// A handle on one client connection. Cheap to clone; every clone keeps the
@@ -118,6 +122,7 @@ impl Connection {
                 closed: AtomicBool::new(false),
                 waker,
                 response_timeout,
+                context: Mutex::new(None),
             }),
         }
     }
@@ -130,6 +135,24 @@ impl Connection {
     /// The service the client connected to.
     pub fn service(&self) -> u16 {
         self.inner.service
+    }
+
+    /// Attaches a context to this connection that any thread can read back
+    /// with [`context`](Self::context) — e.g. while walking
+    /// [`ServerHandle::connections`](crate::ServerHandle::connections)
+    /// (libqb's `qb_ipcs_context_set`). The per-connection state `S` stays
+    /// with the event loop's handlers; this is for what other threads need.
+    #[doc(alias = "qb_ipcs_context_set")]
+    pub fn set_context<T: Any + Send + Sync>(&self, context: Arc<T>) {
+        *self.inner.context.lock().unwrap_or_else(PoisonError::into_inner) = Some(context);
+    }
+
+    /// The context set with [`set_context`](Self::set_context), if it is a
+    /// `T` (libqb's `qb_ipcs_context_get`).
+    #[doc(alias = "qb_ipcs_context_get")]
+    pub fn context<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let context = self.inner.context.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+        context.downcast::<T>().ok()
     }
 
     /// The client's uid, gid and pid, from the kernel.

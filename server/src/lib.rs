@@ -67,6 +67,7 @@ pub use coroipc_transport::channel::Limits;
 pub use coroipc_transport::control::DisconnectReason;
 pub use coroipc_transport::handshake::{Refusal, RingSizes};
 pub use coroipc_transport::message::Status;
+pub use coroipc_transport::socket::{Endpoint, PeerCred};
 pub use error::{DispatchError, RespondError, ServerBuildError};
 pub use outbound::{OutboundLimits, OverflowPolicy};
 pub use poll::{EpollPoller, Poller, Token};

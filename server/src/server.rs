@@ -84,7 +84,10 @@ impl ServerBuilder {
     }
 
     /// Adds a service.
-    pub fn service<S: Send + 'static>(mut self, service: ServiceBuilder<S>) -> Self {
+    pub fn service<S: Send + 'static, C: Send + Sync + 'static>(
+        mut self,
+        service: ServiceBuilder<S, C>,
+    ) -> Self {
         self.services.push(service.build());
         self
     }
@@ -166,6 +169,9 @@ impl ServerBuilder {
             registry: Mutex::new(HashMap::new()),
             closed_stats: Mutex::new(Stats::default()),
         });
+        for service in services.values() {
+            service.attach(ServerHandle { shared: shared.clone() });
+        }
         Ok(Server {
             listener,
             shared,

@@ -5,7 +5,7 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
 use std::io::IoSlice;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use coroipc_transport::handshake::Refusal;
 use coroipc_transport::message::Status;
@@ -13,6 +13,7 @@ use coroipc_transport::message::Status;
 use crate::connection::Connection;
 use crate::error::RespondError;
 use crate::outbound::OutboundLimits;
+use crate::server::ServerHandle;
 
 /// A request as a handler sees it: in server-private memory (copied out of
 /// the shared ring before any handler runs, so a client cannot change it
@@ -75,20 +76,22 @@ pub enum Disconnect {
 /// Every request that wants a response gets exactly one: a `Call` dropped
 /// without answering answers [`Status::Invalid`], so a client never waits
 /// for a response that will not come.
-pub struct Call<'a, S> {
+pub struct Call<'a, S, C = ()> {
     request: Request<'a>,
     state: &'a mut S,
     connection: &'a Connection,
+    context: &'a C,
+    server: &'a ServerHandle,
     answered: bool,
 }
 
-impl<S> fmt::Debug for Call<'_, S> {
+impl<S, C> fmt::Debug for Call<'_, S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Call").field("request", &self.request).finish_non_exhaustive()
     }
 }
 
-impl<'a, S> Call<'a, S> {
+impl<'a, S, C> Call<'a, S, C> {
     /// The request.
     pub fn request(&self) -> Request<'a> {
         self.request
@@ -108,6 +111,18 @@ impl<'a, S> Call<'a, S> {
     /// The connection (clone it to keep it past this call).
     pub fn connection(&self) -> &Connection {
         self.connection
+    }
+
+    /// The service's shared context, given to
+    /// [`ServiceBuilder::with_context`] (no `Arc` clone per handler).
+    pub fn context(&self) -> &'a C {
+        self.context
+    }
+
+    /// The server this call arrived at: its connections (with
+    /// [`ServerHandle::connections`]), statistics, shutdown.
+    pub fn server(&self) -> &'a ServerHandle {
+        self.server
     }
 
     /// Largest response payload this connection carries (its negotiated
@@ -169,7 +184,7 @@ impl<'a, S> Call<'a, S> {
     }
 }
 
-impl<S> Drop for Call<'_, S> {
+impl<S, C> Drop for Call<'_, S, C> {
     fn drop(&mut self) {
         if !self.answered && !self.request.oneway {
             let _ = self.connection.respond(self.request.seq, Status::Invalid, &[]);
@@ -257,22 +272,24 @@ fn answer(connection: &Connection, seq: u64, parts: &[IoSlice<'_>]) -> Result<()
 }
 
 /// A request handler.
-pub type Handler<S> = Arc<dyn Fn(Call<'_, S>) + Send + Sync>;
+pub type Handler<S, C = ()> = Arc<dyn Fn(Call<'_, S, C>) + Send + Sync>;
 
 type ConnectFn<S> = Box<dyn Fn(&Connection) -> Result<S, Refusal> + Send + Sync>;
 type DisconnectFn<S> = Box<dyn Fn(&Connection, &mut S) -> Disconnect + Send + Sync>;
-type SelectorFn<S> = Box<dyn Fn(u16) -> Option<Handler<S>> + Send + Sync>;
+type SelectorFn<S, C> = Box<dyn Fn(u16) -> Option<Handler<S, C>> + Send + Sync>;
 type AdmissionFn<S> = Box<dyn Fn(&Request<'_>, &mut S, &Connection) -> Admission + Send + Sync>;
 
 /// Describes one service: its id, the per-connection state type `S`, its
 /// callbacks and handlers. Hand it to
 /// [`ServerBuilder::service`](crate::ServerBuilder::service).
-pub struct ServiceBuilder<S> {
+pub struct ServiceBuilder<S, C = ()> {
     id: u16,
     connect: ConnectFn<S>,
     disconnect: Option<DisconnectFn<S>>,
-    handlers: HashMap<u16, Handler<S>>,
-    selector: Option<SelectorFn<S>>,
+    handlers: HashMap<u16, Handler<S, C>>,
+    selector: Option<SelectorFn<S, C>>,
+    context: C,
+    server: OnceLock<ServerHandle>,
     admission: Option<AdmissionFn<S>>,
     max_connections: Option<usize>,
     outbound: OutboundLimits,
@@ -283,6 +300,32 @@ impl<S: Send + 'static> ServiceBuilder<S> {
     /// `connect` when a client connects (coroipc's `lib_init_fn`). The
     /// callback may dispatch to the new connection; an `Err` closes it.
     pub fn new(id: u16, connect: impl Fn(&Connection) -> Result<S, Refusal> + Send + Sync + 'static) -> Self {
+        Self::with_context(id, (), connect)
+    }
+}
+
+impl<S: Send + 'static, C: Send + Sync + 'static> ServiceBuilder<S, C> {
+    /// As [`new`](ServiceBuilder::new), with a context shared by every
+    /// handler and callback of the service: handlers reach it through
+    /// [`Call::context`] (no `Arc` clone per handler).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use coroipc_server::ServiceBuilder;
+    ///
+    /// let service = ServiceBuilder::with_context(1, AtomicU64::new(0), |_| Ok(())).handler(0, |call| {
+    ///     let n = call.context().fetch_add(1, Ordering::Relaxed) + 1;
+    ///     let _ = call.respond(&n.to_le_bytes());
+    /// });
+    /// # let _ = service;
+    /// ```
+    pub fn with_context(
+        id: u16,
+        context: C,
+        connect: impl Fn(&Connection) -> Result<S, Refusal> + Send + Sync + 'static,
+    ) -> Self {
         Self {
             id,
             connect: Box::new(connect),
@@ -290,6 +333,8 @@ impl<S: Send + 'static> ServiceBuilder<S> {
             handlers: HashMap::new(),
             selector: None,
             admission: None,
+            context,
+            server: OnceLock::new(),
             max_connections: None,
             outbound: OutboundLimits::default(),
         }
@@ -307,7 +352,7 @@ impl<S: Send + 'static> ServiceBuilder<S> {
     }
 
     /// Registers the handler of command `command` in the default table.
-    pub fn handler(mut self, command: u16, f: impl Fn(Call<'_, S>) + Send + Sync + 'static) -> Self {
+    pub fn handler(mut self, command: u16, f: impl Fn(Call<'_, S, C>) + Send + Sync + 'static) -> Self {
         self.handlers.insert(command, Arc::new(f));
         self
     }
@@ -335,7 +380,7 @@ impl<S: Send + 'static> ServiceBuilder<S> {
     pub fn handler_result<R, E>(
         self,
         command: u16,
-        f: impl Fn(&mut Call<'_, S>) -> Result<R, E> + Send + Sync + 'static,
+        f: impl Fn(&mut Call<'_, S, C>) -> Result<R, E> + Send + Sync + 'static,
     ) -> Self
     where
         R: AsRef<[u8]>,
@@ -354,7 +399,7 @@ impl<S: Send + 'static> ServiceBuilder<S> {
     /// Replaces the table lookup with a user-defined selector (coroipc's
     /// handler selector): returns the handler for a command id, or `None`
     /// ("invalid" is answered).
-    pub fn selector(mut self, f: impl Fn(u16) -> Option<Handler<S>> + Send + Sync + 'static) -> Self {
+    pub fn selector(mut self, f: impl Fn(u16) -> Option<Handler<S, C>> + Send + Sync + 'static) -> Self {
         self.selector = Some(Box::new(f));
         self
     }
@@ -397,6 +442,8 @@ pub(crate) trait ServiceDyn: Send + Sync {
     fn id(&self) -> u16;
     fn max_connections(&self) -> Option<usize>;
     fn outbound(&self) -> OutboundLimits;
+    /// Gives the service its server's handle (once, when the server is built).
+    fn attach(&self, server: ServerHandle);
     fn connect(&self, conn: &Connection) -> Result<State, Refusal>;
     /// Admission, selection and the handler; answers itself on refusal.
     fn handle(&self, state: &mut State, conn: &Connection, request: Request<'_>) -> Outcome;
@@ -411,7 +458,7 @@ pub(crate) enum Outcome {
     Unknown,
 }
 
-impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
+impl<S: Send + 'static, C: Send + Sync + 'static> ServiceDyn for ServiceBuilder<S, C> {
     fn id(&self) -> u16 {
         self.id
     }
@@ -422,6 +469,10 @@ impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
 
     fn outbound(&self) -> OutboundLimits {
         self.outbound
+    }
+
+    fn attach(&self, server: ServerHandle) {
+        let _ = self.server.set(server);
     }
 
     fn connect(&self, conn: &Connection) -> Result<State, Refusal> {
@@ -459,7 +510,14 @@ impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
             }
             return Outcome::Unknown;
         };
-        handler(Call { request, state, connection: conn, answered: false });
+        let Some(server) = self.server.get() else {
+            // Not attached: cannot happen for a built server; answer, never panic.
+            if !request.oneway {
+                let _ = conn.respond(request.seq, Status::Invalid, &[]);
+            }
+            return Outcome::Unknown;
+        };
+        handler(Call { request, state, connection: conn, context: &self.context, server, answered: false });
         Outcome::Handled
     }
 

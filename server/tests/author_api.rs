@@ -62,3 +62,44 @@ fn result_handlers_answer_ok_bytes_or_the_error_status_and_max_payload_is_the_li
     handle.shutdown();
     thread.join().expect("server thread").expect("server run");
 }
+
+#[test]
+fn handlers_reach_the_service_context_and_the_server_and_connections_carry_a_context() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    struct Name(String);
+    // Command 0: count in the shared context, name this connection, and
+    // answer how many connections the server has and their names.
+    let service = ServiceBuilder::with_context(1, AtomicU64::new(0), |conn| {
+        conn.set_context(Arc::new(Name(format!("client-{}", conn.id()))));
+        Ok(())
+    })
+    .handler_result(0, |call| {
+        let n = call.context().fetch_add(1, Ordering::Relaxed) + 1;
+        let names: Vec<String> = call
+            .server()
+            .connections()
+            .iter()
+            .map(|c| c.context::<Name>().map_or("?".into(), |name| name.0.clone()))
+            .collect();
+        assert!(call.connection().context::<u32>().is_none(), "a context of another type is None");
+        Ok::<_, Status>(format!("{n} {}", names.join(",")).into_bytes())
+    });
+    let ep = format!("@coroipc-author-api-ctx-{}", std::process::id());
+    let server = Server::builder().endpoint(&ep).service(service).build().expect("build");
+    let (handle, thread) = server.spawn().expect("spawn");
+    let a = Client::connect(&ep, 1).expect("connect a");
+    let b = Client::connect(&ep, 1).expect("connect b");
+    let mut buf = [0u8; 256];
+    // A call is served after its connection's connect callback ran.
+    a.call(0, b"", &mut buf).expect("warm-up a");
+    b.call(0, b"", &mut buf).expect("warm-up b");
+    let ids: Vec<String> = handle.connections().iter().map(|c| format!("client-{}", c.id())).collect();
+    let n = a.call(0, b"", &mut buf).expect("call a");
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), format!("3 {}", ids.join(",")));
+    let n = b.call(0, b"", &mut buf).expect("call b");
+    assert_eq!(std::str::from_utf8(&buf[..n]).unwrap(), format!("4 {}", ids.join(",")));
+    handle.shutdown();
+    thread.join().expect("server thread").expect("server run");
+}
