@@ -351,14 +351,25 @@ impl Connection {
         self.after_dispatch(result, len)
     }
 
-    /// Sends a dispatch message (the concatenation of `parts`) into the
-    /// client's ring, waiting up to `timeout` while flow control is on, the
-    /// ring is full or earlier messages wait in the outbound queue.
+    /// Sends dispatch message `id` with `payload` into the client's ring,
+    /// waiting up to `timeout` while flow control is on, the ring is full
+    /// or earlier messages wait in the outbound queue. Unlike
+    /// [`dispatch`](Self::dispatch) the message is in the ring on `Ok`.
     ///
     /// # Errors
     ///
     /// `Timeout`, `TooBig`, `Disconnected`.
-    pub fn dispatch_timeout(
+    pub fn dispatch_timeout(&self, id: u32, payload: &[u8], timeout: Duration) -> Result<(), DispatchError> {
+        self.dispatch_vectored_timeout(id, &[IoSlice::new(payload)], timeout)
+    }
+
+    /// Gathering form of [`dispatch_timeout`](Self::dispatch_timeout): the
+    /// message is the concatenation of `parts`.
+    ///
+    /// # Errors
+    ///
+    /// `Timeout`, `TooBig`, `Disconnected`.
+    pub fn dispatch_vectored_timeout(
         &self,
         id: u32,
         parts: &[IoSlice<'_>],

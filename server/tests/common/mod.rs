@@ -394,7 +394,8 @@ fn echo_service(retry_disconnect: u32, parked: Arc<Mutex<Vec<Responder>>>) -> Se
         let responder = call.defer();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(ms.into()));
-            let sent = conn.dispatch_timeout(DISPATCH_LATE, &[IoSlice::new(&data)], Duration::from_secs(5));
+            let sent =
+                conn.dispatch_vectored_timeout(DISPATCH_LATE, &[IoSlice::new(&data)], Duration::from_secs(5));
             let answered = responder.respond(&data);
             report("DEFERRED", &format!("id={} dispatch={sent:?} respond={answered:?}", conn.id()));
         }); // coroipcs_refcount_dec: the clones drop here
@@ -471,7 +472,7 @@ fn storm(conn: Connection, n: u32, size: usize, threads: u32) {
                         let r = if attempt % 2 == 0 {
                             conn.try_dispatch(DISPATCH_STORM, &msg)
                         } else {
-                            conn.dispatch_timeout(
+                            conn.dispatch_vectored_timeout(
                                 DISPATCH_STORM,
                                 &[IoSlice::new(&msg)],
                                 Duration::from_secs(10),
@@ -528,7 +529,7 @@ fn counter_service() -> ServiceBuilder<()> {
         let v = value.fetch_add(1, Ordering::SeqCst) + 1;
         let everybody = clients.lock().unwrap().clone();
         for c in everybody {
-            let r = c.dispatch_timeout(
+            let r = c.dispatch_vectored_timeout(
                 DISPATCH_COUNTER,
                 &[IoSlice::new(&v.to_le_bytes())],
                 Duration::from_secs(5),

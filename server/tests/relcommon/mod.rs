@@ -408,7 +408,7 @@ fn storm(conn: Connection, n: u32, every: u32) {
             let r = if again % 2 == 0 {
                 conn.try_dispatch(DISPATCH_STORM, &p)
             } else {
-                conn.dispatch_timeout(DISPATCH_STORM, &[IoSlice::new(&p)], Duration::from_secs(10))
+                conn.dispatch_vectored_timeout(DISPATCH_STORM, &[IoSlice::new(&p)], Duration::from_secs(10))
             };
             match r {
                 Ok(()) => break,
