@@ -253,6 +253,10 @@ impl Connection {
     #[doc(alias = "coroipcs_dispatch_iov_send")]
     pub fn dispatch_vectored(&self, id: u32, parts: &[IoSlice<'_>]) -> Result<(), DispatchError> {
         self.check_open()?;
+        if !self.is_connected() {
+            // Being disconnected (e.g. as too slow): queue nothing more.
+            return Err(DispatchError::Disconnected);
+        }
         let len = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
         if len > self.max_message() {
             Counters::bump(&self.inner.counters.errors, 1);

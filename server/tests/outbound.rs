@@ -17,8 +17,9 @@ use coroipc_testkit::{field, le_u32, num, report, ChildProc};
 const SVC: u16 = 1;
 /// Payload `n: u32, size: u32`: dispatches `n` messages of `size` bytes
 /// (each starts with its index, u32 LE) with `dispatch`, on the loop
-/// thread; answers `queued_messages: u32, queued_bytes: u32, error: u32`
-/// (0 = all accepted, else 1 + the index that failed).
+/// thread; answers `queued_messages: u32, queued_bytes: u32, error: u32,
+/// after: u32` (error: 0 = all accepted, else 1 + the index that failed;
+/// after: 1 if a further dispatch after the failure was refused too).
 const CMD_BURST: u16 = 0;
 /// As [`CMD_BURST`], on another thread; reports `@@BURST_DONE error=<name>
 /// sent=<n>` and answers at once.
@@ -68,9 +69,12 @@ fn outbound_server_process() {
             let (sent, r) = burst(call.connection(), le_u32(p, 0), le_u32(p, 4));
             let conn = call.connection().clone();
             let error = if r.is_ok() { 0 } else { sent + 1 };
+            // After a refusal, is a further message refused too (not queued)?
+            let after = u32::from(r.is_err() && conn.dispatch(MSG_BURST, b"later").is_err());
             let mut answer = (conn.queued_messages() as u32).to_le_bytes().to_vec();
             answer.extend_from_slice(&(conn.queued_bytes() as u32).to_le_bytes());
             answer.extend_from_slice(&error.to_le_bytes());
+            answer.extend_from_slice(&after.to_le_bytes());
             let _ = call.respond(&answer);
         })
         .handler(CMD_BURST_THREAD, |call| {
@@ -138,7 +142,7 @@ fn receive_burst(client: &Client, n: u32, first_seq: u64) {
 fn dispatch_queues_past_a_full_ring_in_order_and_the_client_sees_flow_control_until_drained() {
     let (_server, ep) = start(&[]);
     let client = small_client(&ep);
-    let mut answer = [0u8; 12];
+    let mut answer = [0u8; 16];
     // 400 messages of 100 bytes: ~45 KB, ten times the ring.
     client.call(CMD_BURST, &args(400, 100), &mut answer).expect("burst");
     let (queued, bytes, error) = (le_u32(&answer, 0), le_u32(&answer, 4), le_u32(&answer, 8));
@@ -158,10 +162,11 @@ fn dispatch_queues_past_a_full_ring_in_order_and_the_client_sees_flow_control_un
 fn under_the_disconnect_policy_a_client_over_the_bound_is_disconnected_not_silently_dropped() {
     let (_server, ep) = start(&[(BOUND, "8192".into())]);
     let client = small_client(&ep);
-    let mut answer = [0u8; 12];
+    let mut answer = [0u8; 16];
     client.call(CMD_BURST, &args(400, 100), &mut answer).expect("burst");
     let error = le_u32(&answer, 8);
     assert!(error > 0, "the burst was refused once the queue was over its bound");
+    assert_eq!(le_u32(&answer, 12), 1, "a client being disconnected gets nothing more queued");
     // What was delivered is complete and in order up to the cut; then the
     // connection ends.
     let mut buf = [0u8; 512];
