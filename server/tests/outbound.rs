@@ -26,6 +26,9 @@ const CMD_BURST: u16 = 0;
 const CMD_BURST_THREAD: u16 = 1;
 /// Registers an `on_drained` callback that dispatches [`MSG_DRAINED`].
 const CMD_ON_DRAINED: u16 = 2;
+/// Payload `threads: u32, n: u32`: that many threads each `dispatch` `n`
+/// messages `(thread: u32, i: u32)` at once; answers at once.
+const CMD_BURST_THREADS: u16 = 3;
 const MSG_BURST: u32 = 10;
 const MSG_DRAINED: u32 = 11;
 
@@ -89,6 +92,20 @@ fn outbound_server_process() {
                 };
                 report("BURST_DONE", &format!("error={error} sent={sent}"));
             });
+            let _ = call.respond(b"");
+        })
+        .handler(CMD_BURST_THREADS, |call| {
+            let p = call.payload();
+            let (threads, n) = (le_u32(p, 0), le_u32(p, 4));
+            for t in 0..threads {
+                let conn = call.connection().clone();
+                std::thread::spawn(move || {
+                    for i in 0..n {
+                        let msg = [t.to_le_bytes(), i.to_le_bytes()].concat();
+                        conn.dispatch(MSG_BURST, &msg).expect("within the bound");
+                    }
+                });
+            }
             let _ = call.respond(b"");
         })
         .handler(CMD_ON_DRAINED, |call| {
@@ -213,4 +230,28 @@ fn under_the_wait_policy_a_client_that_never_reads_makes_the_dispatch_time_out_a
     let r = client.recv_dispatch(&mut [0u8; 512], Some(Duration::from_millis(200)));
     assert!(matches!(r, Err(Error::Timeout)), "nothing past the refused message: {r:?}");
     assert!(client.is_connected());
+}
+
+#[test]
+fn concurrent_dispatchers_through_the_queue_keep_each_threads_order_and_consecutive_numbers() {
+    let (_server, ep) = start(&[]);
+    let client = small_client(&ep);
+    let (threads, n) = (4u32, 500u32);
+    client.call(CMD_BURST_THREADS, &args(threads, n), &mut [0u8; 4]).expect("burst");
+    let mut next = vec![0u32; threads as usize];
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + T;
+    for k in 0..u64::from(threads * n) {
+        if k % 100 == 0 {
+            std::thread::sleep(Duration::from_millis(2)); // a slowish reader: the queue is used
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let info =
+            client.recv_dispatch(&mut buf, Some(left)).unwrap_or_else(|e| panic!("message {k}: {e:?}"));
+        assert_eq!(info.seq, k, "consecutive sequence numbers in arrival order");
+        let (t, i) = (le_u32(&buf, 0) as usize, le_u32(&buf, 4));
+        assert_eq!(i, next[t], "thread {t}'s messages in its order, none lost");
+        next[t] += 1;
+    }
+    assert!(next.iter().all(|&c| c == n));
 }
