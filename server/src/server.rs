@@ -1004,6 +1004,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         for (_, e) in self.conns.drain() {
             e.conn.inner.closed.store(true, Ordering::Release);
+            e.conn.inner.channel.set_disconnect_reason(DisconnectReason::ServerShutdown);
             e.conn.inner.channel.close();
         }
         lock(&self.shared.registry).clear();
