@@ -408,13 +408,15 @@ impl Connection {
         let iov = with_header(&header, parts);
         let len: usize = iov.iter().map(|p| p.len()).sum();
         let c = &self.inner.counters;
+        // Counted before the push, so that a client that has its answer
+        // never reads statistics without it; taken back if it failed.
+        Counters::bump(&c.responses, 1);
+        Counters::bump(&c.bytes_out, len as u64);
         match self.inner.channel.send_response(&iov, self.inner.response_timeout) {
-            Ok(()) => {
-                Counters::bump(&c.responses, 1);
-                Counters::bump(&c.bytes_out, len as u64);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
+                c.responses.fetch_sub(1, Ordering::Relaxed);
+                c.bytes_out.fetch_sub(len as u64, Ordering::Relaxed);
                 Counters::bump(&c.errors, 1);
                 Err(e.into())
             }

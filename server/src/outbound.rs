@@ -25,6 +25,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -155,17 +156,24 @@ enum Pushed {
 impl Connection {
     /// Pushes one encoded message into the ring.
     fn push_ring(&self, parts: &[IoSlice<'_>], len: usize) -> Result<Pushed, DrainError> {
-        match self.inner.channel.try_dispatch(parts) {
+        // Counted before the push (a client that has the message never
+        // reads statistics without it); taken back if it was not sent.
+        let c = &self.inner.counters;
+        Counters::bump(&c.dispatched, 1);
+        Counters::bump(&c.bytes_out, len as u64);
+        let result = self.inner.channel.try_dispatch(parts);
+        if result.is_err() {
+            c.dispatched.fetch_sub(1, Ordering::Relaxed);
+            c.bytes_out.fetch_sub(len as u64, Ordering::Relaxed);
+        }
+        match result {
             Ok(change) => {
-                let c = &self.inner.counters;
-                Counters::bump(&c.dispatched, 1);
-                Counters::bump(&c.bytes_out, len as u64);
                 self.count_flow(change);
                 Ok(Pushed::Ring)
             }
             Err(ChannelError::TryAgain) => Ok(Pushed::Full),
             Err(e) => {
-                Counters::bump(&self.inner.counters.errors, 1);
+                Counters::bump(&c.errors, 1);
                 Err(DrainError(e))
             }
         }
