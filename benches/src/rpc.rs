@@ -54,7 +54,10 @@ pub fn serve(endpoint: &str, spin: Duration) -> std::io::Result<()> {
                 let mut payload = vec![0xa5u8; (size as usize).saturating_sub(HEADER)];
                 for seq in 0..count {
                     payload[..8].copy_from_slice(&seq.to_le_bytes());
-                    if conn.dispatch_timeout(0, &[IoSlice::new(&payload)], Duration::from_secs(30)).is_err() {
+                    if conn
+                        .dispatch_vectored_timeout(0, &[IoSlice::new(&payload)], Duration::from_secs(30))
+                        .is_err()
+                    {
                         return; // the client went away
                     }
                 }

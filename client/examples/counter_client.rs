@@ -43,24 +43,25 @@ fn watch(client: &Client) -> Result<(), Error> {
             match client.try_recv_dispatch(&mut buf) {
                 Ok(info) => println!("changed: {} (notification #{})", i64::from_le_bytes(buf), info.seq),
                 Err(Error::TryAgain) => break,
+                // Why: server or service shut down, too slow, server died…
+                Err(Error::Disconnected(reason)) => {
+                    println!("disconnected: {reason}");
+                    return Ok(());
+                }
                 Err(e) => return Err(e),
             }
         }
         if client.dispatch_flow_control() == FlowState::On {
-            println!("(the server is holding notifications back until we catch up)");
+            println!("(the server is queueing notifications for us until we catch up)");
         }
         // `Client: AsFd` (coroipcc_fd_get): the dispatch fd. A server that
         // closes the connection rings it; one that is killed cannot, so
-        // wake up now and then to check.
+        // wake up now and then to check (the next receive reports it).
         let mut fds = [PollFd::new(client, PollFlags::IN)];
         let check_every = Timespec { tv_sec: 1, tv_nsec: 0 };
         match poll(&mut fds, Some(&check_every)) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(Error::Io(e.into())),
-        }
-        if !client.is_connected() {
-            println!("the server went away");
-            return Err(Error::ConnectionLost);
         }
     }
 }

@@ -520,7 +520,7 @@ impl Client {
     ///
     /// `BufferTooSmall` (the response is kept: fetch it with
     /// [`take_kept_response`](Self::take_kept_response)),
-    /// `TooBig`, `ConnectionLost`, `TryAgain`/`Invalid`/`Service` as
+    /// `TooBig`, `Disconnected`, `TryAgain`/`Invalid`/`Service` as
     /// answered by the service, `Timeout` (only with
     /// [`call_timeout`](Self::call_timeout)).
     #[doc(alias = "coroipcc_msg_send_reply_receive")]
@@ -592,7 +592,7 @@ impl Client {
     ///
     /// `TryAgain` if `max_in_flight` requests are outstanding or (with a
     /// zero timeout) the ring is full or request flow control is on;
-    /// `Timeout`, `TooBig`, `ConnectionLost`.
+    /// `Timeout`, `TooBig`, `Disconnected`.
     pub fn send(&self, command: u16, request: &[IoSlice<'_>], timeout: Option<Duration>) -> Result<Ticket> {
         let mut deadline = Deadline::new(timeout);
         let mut inner = self.lock();
@@ -706,7 +706,7 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// `TryAgain` if none is waiting, `BufferTooSmall` (kept), `ConnectionLost`.
+    /// `TryAgain` if none is waiting, `BufferTooSmall` (kept), `Disconnected`.
     #[doc(alias = "coroipcc_dispatch_recv")]
     pub fn try_recv_dispatch(&self, buf: &mut [u8]) -> Result<DispatchInfo> {
         self.recv_dispatch_spin(buf, Duration::ZERO)
@@ -866,7 +866,7 @@ impl AsFd for Client {
     /// [`try_recv_dispatch`](Client::try_recv_dispatch) until `TryAgain`
     /// (coroipc's `coroipcc_fd_get`). It also becomes readable when the
     /// server goes away — closed or killed — and the next receive then
-    /// returns `ConnectionLost`. (An epoll fd over the dispatch eventfd and
+    /// returns `Disconnected`. (An epoll fd over the dispatch eventfd and
     /// the connection socket; level-triggered.)
     #[doc(alias = "coroipcc_fd_get")]
     fn as_fd(&self) -> BorrowedFd<'_> {

@@ -4,6 +4,7 @@ use std::fmt;
 use std::io;
 
 use coroipc_transport::channel::{ChannelError, ConnectError};
+use coroipc_transport::control::DisconnectReason;
 use coroipc_transport::handshake::Refusal;
 use coroipc_transport::message::Status;
 
@@ -26,10 +27,11 @@ pub enum Error {
     TooBig,
     /// The call did not complete in time (`CS_ERR_TIMEOUT`).
     Timeout,
-    /// The server closed the connection or died (`CS_ERR_LIBRARY`).
-    ConnectionLost,
-    /// The service or server is shutting down.
-    ShuttingDown,
+    /// The connection is gone, and why (`CS_ERR_LIBRARY`): the server or
+    /// the service shut down, the server disconnected this client (too
+    /// slow, protocol violation, corrupt memory, or at the service's
+    /// wish), or the server died. Every later call fails the same way.
+    Disconnected(DisconnectReason),
     /// The server is at its connection limit (`CS_ERR_NO_RESOURCES`).
     ConnectionLimit,
     /// Client and server speak different protocol versions.
@@ -66,8 +68,7 @@ impl fmt::Display for Error {
             Self::Invalid => f.write_str("invalid request"),
             Self::TooBig => f.write_str("message too big"),
             Self::Timeout => f.write_str("timed out"),
-            Self::ConnectionLost => f.write_str("connection lost"),
-            Self::ShuttingDown => f.write_str("shutting down"),
+            Self::Disconnected(reason) => write!(f, "connection lost: {reason}"),
             Self::ConnectionLimit => f.write_str("server at its connection limit"),
             Self::VersionMismatch => f.write_str("protocol version mismatch"),
             Self::NoMemory => f.write_str("server memory budget exhausted"),
@@ -95,8 +96,8 @@ impl From<ChannelError> for Error {
             ChannelError::Timeout => Self::Timeout,
             ChannelError::TooBig { .. } => Self::TooBig,
             ChannelError::BufferTooSmall { needed } => Self::BufferTooSmall { needed },
-            ChannelError::PeerGone => Self::ConnectionLost,
-            ChannelError::ShuttingDown => Self::ShuttingDown,
+            ChannelError::PeerGone => Self::Disconnected(DisconnectReason::Unknown),
+            ChannelError::Disconnected(reason) => Self::Disconnected(reason),
             ChannelError::Corrupt(c) => Self::Protocol(format!("shared memory corrupt: {c}")),
         }
     }
@@ -122,6 +123,14 @@ impl From<ConnectError> for Error {
 }
 
 impl Error {
+    /// Why the connection is gone, if this error says it is.
+    pub fn disconnect_reason(&self) -> Option<DisconnectReason> {
+        match self {
+            Self::Disconnected(reason) => Some(*reason),
+            _ => None,
+        }
+    }
+
     /// The error a response status stands for (`None` for success).
     pub fn from_status(status: Status) -> Option<Self> {
         Some(match status {
@@ -130,7 +139,7 @@ impl Error {
             Status::Invalid => Self::Invalid,
             Status::TooBig => Self::TooBig,
             Status::AccessDenied => Self::AccessDenied,
-            Status::ShuttingDown => Self::ShuttingDown,
+            Status::ShuttingDown => Self::Disconnected(DisconnectReason::ServiceShutdown),
             Status::Service(c) => Self::Service(c),
             Status::Unknown(c) => Self::Protocol(format!("unknown status {c}")),
         })

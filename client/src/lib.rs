@@ -9,7 +9,7 @@
 //! ## Guarantees
 //!
 //! * Every call returns: with the response, with the service's error, with
-//!   `Timeout` when asked for one, or with `ConnectionLost` within 100 ms
+//!   `Timeout` when asked for one, or with `Disconnected(reason)` within 100 ms
 //!   of the server's death.
 //! * Responses are matched to requests by sequence number: a late answer to
 //!   a timed-out call is never taken for the answer to a later one.
@@ -38,6 +38,7 @@ pub use client::{
     Client, ClientBuilder, DispatchGuard, DispatchInfo, PendingClient, ResponseGuard, Sizes, Ticket,
 };
 pub use coroipc_ring::FlowState;
+pub use coroipc_transport::control::DisconnectReason;
 pub use coroipc_transport::message::Status;
 pub use coroipc_transport::waiter::{SleepMode, WaitPolicy};
 pub use error::{Error, Result};

@@ -124,8 +124,8 @@ impl AsyncClient {
     ///
     /// # Errors
     ///
-    /// As [`Client::call`](crate::Client::call); `ConnectionLost` when the
-    /// server goes away.
+    /// As [`Client::call`](crate::Client::call); `Disconnected(reason)`
+    /// when the server goes away.
     pub async fn call(&self, command: u16, request: &[u8]) -> Result<Vec<u8>> {
         let seq = self.send(command, request).await?;
         let mut abandon = Abandon { client: self, seq: Some(seq) };
@@ -156,8 +156,12 @@ impl AsyncClient {
             }
             // No fd signals free request space (the server's doorbell is
             // its own); back off with timer sleeps, never a busy loop.
-            if !self.lock().channel.peer_alive() {
-                return Err(Error::ConnectionLost);
+            let gone = {
+                let inner = self.lock();
+                (!inner.channel.peer_alive()).then(|| inner.channel.disconnect_reason())
+            };
+            if let Some(reason) = gone {
+                return Err(Error::Disconnected(reason));
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(5));
@@ -204,16 +208,17 @@ impl AsyncClient {
                             Some(e) => Err(e),
                         };
                     }
-                    return Err(Error::ConnectionLost);
+                    return Err(Error::Disconnected(inner.channel.disconnect_reason()));
                 }
             }
         }
     }
 
-    /// The dispatch messages, as a stream; it ends when the server goes
-    /// away. Only one stream should be polled at a time.
+    /// The dispatch messages, as a stream. When the connection goes away,
+    /// whatever the reason, the stream yields `Err(Error::Disconnected(reason))`
+    /// once and then ends. Only one stream should be polled at a time.
     pub fn dispatch(&self) -> DispatchStream<'_> {
-        DispatchStream { client: self }
+        DispatchStream { client: self, ended: false }
     }
 
     /// Receives one dispatch message without waiting (arming the dispatch
@@ -242,18 +247,27 @@ impl AsyncClient {
 #[derive(Debug)]
 pub struct DispatchStream<'a> {
     client: &'a AsyncClient,
+    /// The disconnect was reported: the stream has ended.
+    ended: bool,
 }
 
 impl Stream for DispatchStream<'_> {
     type Item = Result<Dispatch>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
         let client = self.client;
         loop {
             match client.try_dispatch() {
                 Ok(d) => return Poll::Ready(Some(Ok(d))),
                 Err(Error::TryAgain) => {}
-                Err(Error::ConnectionLost) => return Poll::Ready(None),
+                // Whatever the reason: the reason once, then the end.
+                Err(e @ Error::Disconnected(_)) => {
+                    self.get_mut().ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
             // Empty, and the dispatch fd is armed (see `peek_dispatch`).

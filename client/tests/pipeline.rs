@@ -107,8 +107,12 @@ fn server_process() {
             let _ = call.respond(&[]);
             std::thread::spawn(move || {
                 for i in 0..n {
-                    conn.dispatch_timeout(1, &[IoSlice::new(&i.to_le_bytes())], Duration::from_secs(10))
-                        .unwrap();
+                    conn.dispatch_vectored_timeout(
+                        1,
+                        &[IoSlice::new(&i.to_le_bytes())],
+                        Duration::from_secs(10),
+                    )
+                    .unwrap();
                 }
             });
         });

@@ -9,57 +9,63 @@
 //! cargo run -p coroipc-client --example counter_client -- add 5    # terminal 3
 //! ```
 //!
-//! Notifications go out from a notifier thread (a `Connection` dispatches
-//! from any thread), so the event loop never waits for a slow client. A
-//! client under flow control (its dispatch ring is full) is waited for up
-//! to a second, then reported; nothing is dropped silently.
+//! Notifications go out with [`Connection::dispatch`] straight from the
+//! handler: it never blocks. A client whose dispatch ring is full has its
+//! notifications queued in the server (up to 64 KiB; it sees dispatch flow
+//! control on meanwhile) and drained into its ring in order as it reads; a
+//! client that falls further behind is disconnected and told it was too
+//! slow. So one client that stops reading never slows the others, and the
+//! server's memory stays bounded whatever its clients do.
+//!
+//! Bad input gets an error answer: an amount that is not 8 bytes is
+//! "invalid", an addition that would overflow answers service error
+//! [`ERR_OVERFLOW`] and leaves the counter as it was.
 
-use std::io::IoSlice;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
 
-use coroipc_server::{Connection, Disconnect, DispatchError, Server, ServiceBuilder, Status};
+use coroipc_server::{
+    Connection, Disconnect, DispatchError, OutboundLimits, OverflowPolicy, Server, ServiceBuilder, Status,
+};
 
 /// The counter service's id.
-const COUNTER_SERVICE: u16 = 2;
+pub const COUNTER_SERVICE: u16 = 2;
 /// Add to the counter.
-const CMD_ADD: u16 = 0;
+pub const CMD_ADD: u16 = 0;
 /// Read the counter.
-const CMD_GET: u16 = 1;
+pub const CMD_GET: u16 = 1;
 /// The dispatch message id of a change notification.
-const MSG_CHANGED: u32 = 1;
+pub const MSG_CHANGED: u32 = 1;
+/// The service error code of an addition that would overflow.
+pub const ERR_OVERFLOW: u32 = Status::SERVICE_BASE + 1;
+/// Notifications a slow client may have waiting in the server, in bytes.
+pub const MAX_QUEUED_BYTES: usize = 64 << 10;
+
+/// The counter and the clients to notify. Handlers run on the server's
+/// event loop thread one at a time, so one lock keeps "add, then notify"
+/// in the same order for every client.
+#[derive(Default)]
+struct Counter {
+    value: i64,
+    clients: Vec<Connection>,
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let endpoint = std::env::args().nth(1).unwrap_or_else(|| "@coroipc-counter".to_string());
-    let counter = Arc::new(AtomicI64::new(0));
-    // The connected clients, to notify. A `Connection` is a cheap handle.
-    let clients: Arc<Mutex<Vec<Connection>>> = Arc::default();
+    run(&endpoint)
+}
 
-    let (on_connect, on_disconnect, notify) = (clients.clone(), clients.clone(), clients);
-    // The notifier thread: every change, to every client.
-    let (changes_tx, changes) = mpsc::channel::<i64>();
-    let changes_tx = Mutex::new(changes_tx);
-    std::thread::spawn(move || {
-        for value in changes {
-            let everybody = notify.lock().unwrap().clone();
-            for c in everybody {
-                let msg = value.to_le_bytes();
-                match c.dispatch_timeout(MSG_CHANGED, &[IoSlice::new(&msg)], Duration::from_secs(1)) {
-                    Ok(()) | Err(DispatchError::Disconnected) => {} // gone meanwhile
-                    Err(e) => eprintln!("client {}: notification not delivered: {e}", c.id()),
-                }
-            }
-        }
-    });
-    let (add, get) = (counter.clone(), counter);
-    let service = ServiceBuilder::new(COUNTER_SERVICE, move |conn| {
-        on_connect.lock().unwrap().push(conn.clone());
+/// The counter service.
+pub fn service() -> ServiceBuilder<()> {
+    let counter: Arc<Mutex<Counter>> = Arc::default();
+    let (on_connect, on_disconnect, add, get) = (counter.clone(), counter.clone(), counter.clone(), counter);
+    ServiceBuilder::new(COUNTER_SERVICE, move |conn| {
+        on_connect.lock().unwrap_or_else(PoisonError::into_inner).clients.push(conn.clone());
         println!("client {} connected", conn.id());
         Ok(())
     })
+    .outbound(OutboundLimits { max_queued_bytes: MAX_QUEUED_BYTES, overflow: OverflowPolicy::Disconnect })
     .on_disconnect(move |conn, _: &mut ()| {
-        on_disconnect.lock().unwrap().retain(|c| c.id() != conn.id());
+        on_disconnect.lock().unwrap_or_else(PoisonError::into_inner).clients.retain(|c| c.id() != conn.id());
         println!("client {} left", conn.id());
         Disconnect::Done
     })
@@ -74,19 +80,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             },
         };
-        let value = add.fetch_add(delta, Ordering::SeqCst) + delta;
+        let mut counter = add.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(value) = counter.value.checked_add(delta) else {
+            let _ = call.respond_status(Status::Service(ERR_OVERFLOW));
+            return;
+        };
+        counter.value = value;
         let _ = call.respond(&value.to_le_bytes());
-        let _ = changes_tx.lock().unwrap().send(value);
+        for c in &counter.clients {
+            match c.dispatch(MSG_CHANGED, &value.to_le_bytes()) {
+                Ok(()) | Err(DispatchError::Disconnected) => {} // gone meanwhile
+                Err(DispatchError::ClientTooSlow) => println!("client {}: too slow, disconnected", c.id()),
+                Err(e) => eprintln!("client {}: notification not delivered: {e}", c.id()),
+            }
+        }
     })
     .handler(CMD_GET, move |call| {
-        let _ = call.respond(&get.load(Ordering::SeqCst).to_le_bytes());
-    });
+        let value = get.lock().unwrap_or_else(PoisonError::into_inner).value;
+        let _ = call.respond(&value.to_le_bytes());
+    })
+}
 
-    let server = Server::builder().endpoint(&endpoint).service(service).build()?;
+/// Serves the counter on `endpoint` until the process ends.
+///
+/// # Errors
+///
+/// The server's build or event-loop error.
+pub fn run(endpoint: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let server = Server::builder().endpoint(endpoint).service(service()).build()?;
     let handle = server.handle();
     // Statistics now and then, from another thread.
     std::thread::spawn(move || loop {
-        std::thread::sleep(Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_secs(10));
         let s = handle.stats();
         println!(
             "{} clients; {} requests, {} notifications, flow control on {} times",

@@ -6,9 +6,19 @@
 //! ```
 //!
 //! An optional argument names another endpoint: `@name` (a Linux abstract
-//! socket) or a filesystem path. Stop it with Ctrl-C.
+//! socket) or a filesystem path.
+//!
+//! Graceful shutdown: Ctrl-C (SIGINT) or SIGTERM stops it cleanly. A
+//! thread waits for the signal (`signal-hook`'s iterator: the signal
+//! handler only writes to a pipe, everything else runs on that ordinary
+//! thread, no `unsafe`) and calls `ServerHandle::shutdown`; `run` then
+//! closes every connection — each client learns "server shut down", every
+//! disconnect callback runs — and returns, and dropping the server removes
+//! a filesystem endpoint's socket file.
 
 use coroipc_server::{Disconnect, Server, ServiceBuilder};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 /// The echo service's id (clients connect to it by number).
 const ECHO_SERVICE: u16 = 1;
@@ -17,7 +27,15 @@ const CMD_ECHO: u16 = 0;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let endpoint = std::env::args().nth(1).unwrap_or_else(|| "@coroipc-echo".to_string());
+    run(&endpoint)
+}
 
+/// Serves echo on `endpoint` until SIGINT or SIGTERM.
+///
+/// # Errors
+///
+/// The server's build or event-loop error, or the signal set-up's.
+pub fn run(endpoint: &str) -> Result<(), Box<dyn std::error::Error>> {
     // Per-connection state: how many requests this client made.
     let echo = ServiceBuilder::new(ECHO_SERVICE, |conn| {
         let peer = conn.credentials();
@@ -35,7 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     let server = Server::builder()
-        .endpoint(&endpoint)
+        .endpoint(endpoint)
         .service(echo)
         // Accept only clients running as our own user.
         .auth(|peer, _service| {
@@ -46,7 +64,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         })
         .build()?;
+    // Shut down on SIGINT/SIGTERM.
+    let handle = server.handle();
+    let mut signals = Signals::new([SIGINT, SIGTERM])?;
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            println!("signal {signal}: shutting down");
+            handle.shutdown();
+        }
+    });
     println!("echo service {ECHO_SERVICE} listening on {endpoint}");
-    server.run()?;
+    server.run()?; // returns once every connection is closed
+    println!("stopped");
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The cloneable connection handle (coroipc's reference-counted connection).
 
+use std::any::Any;
 use std::fmt;
 use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,23 +13,56 @@ use coroipc_transport::eventfd::EventFd;
 use coroipc_transport::message::{MessageHeader, Status, HEADER_LEN};
 use coroipc_transport::socket::PeerCred;
 
+use coroipc_transport::control::DisconnectReason;
+
 use crate::error::{DispatchError, RespondError};
+use crate::outbound::{Outbound, OutboundLimits};
 use crate::stats::{Counters, Stats};
 
-/// Identifies a connection within its server.
-pub type ConnectionId = u64;
+/// Identifies a connection within its server: unique for the server's
+/// lifetime, never reused. Also the connection's [`Token`](crate::Token)
+/// value in a foreign event loop (see
+/// [`Server::handle_ready`](crate::Server::handle_ready)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnectionId(pub(crate) u64);
+
+impl ConnectionId {
+    /// The id as a number (as logged, and as its event-loop token).
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The id with number `n` (e.g. read back from a log or a token).
+    pub const fn from_raw(n: u64) -> Self {
+        Self(n)
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::str::FromStr for ConnectionId {
+    type Err = std::num::ParseIntError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.parse().map(Self)
+    }
+}
 
 /// The client's credentials, from the kernel (`SO_PEERCRED`).
 pub type Credentials = PeerCred;
 
 pub(crate) struct ConnInner {
-    pub(crate) id: ConnectionId,
+    pub(crate) id: u64,
     pub(crate) service: u16,
     pub(crate) channel: ServerChannel,
     pub(crate) counters: Counters,
-    /// The next dispatch sequence number; also the dispatch lock (see
-    /// [`Connection::dispatch_once`]).
-    dispatch_seq: Mutex<u64>,
+    /// The outbound queue; its lock is also the dispatch lock (see
+    /// [`Connection::dispatch_once`]) and holds the next sequence number.
+    pub(crate) outbound: Outbound,
     /// Whether this side last saw dispatch flow control on. The ring reports
     /// "raised" to the producer (us) but "cleared" to the consumer (the
     /// client), so the server learns of the clear by looking: see
@@ -41,6 +75,9 @@ pub(crate) struct ConnInner {
     /// Wakes the event loop (the server's waker eventfd).
     pub(crate) waker: Arc<EventFd>,
     pub(crate) response_timeout: Duration,
+    /// The service's per-connection context readable from any thread (see
+    /// [`Connection::set_context`]).
+    context: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
 }
 
 /// A handle on one client connection. Cheap to clone; every clone keeps the
@@ -66,11 +103,12 @@ impl fmt::Debug for Connection {
 
 impl Connection {
     pub(crate) fn new(
-        id: ConnectionId,
+        id: u64,
         service: u16,
         channel: ServerChannel,
         waker: Arc<EventFd>,
         response_timeout: Duration,
+        outbound: OutboundLimits,
     ) -> Self {
         Self {
             inner: Arc::new(ConnInner {
@@ -78,24 +116,43 @@ impl Connection {
                 service,
                 channel,
                 counters: Counters::default(),
-                dispatch_seq: Mutex::new(0),
+                outbound: Outbound::new(outbound),
                 flow_on: AtomicBool::new(false),
                 disconnect_requested: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 waker,
                 response_timeout,
+                context: Mutex::new(None),
             }),
         }
     }
 
     /// The connection's id, unique within the server's lifetime.
     pub fn id(&self) -> ConnectionId {
-        self.inner.id
+        ConnectionId(self.inner.id)
     }
 
     /// The service the client connected to.
     pub fn service(&self) -> u16 {
         self.inner.service
+    }
+
+    /// Attaches a context to this connection that any thread can read back
+    /// with [`context`](Self::context) — e.g. while walking
+    /// [`ServerHandle::connections`](crate::ServerHandle::connections)
+    /// (libqb's `qb_ipcs_context_set`). The per-connection state `S` stays
+    /// with the event loop's handlers; this is for what other threads need.
+    #[doc(alias = "qb_ipcs_context_set")]
+    pub fn set_context<T: Any + Send + Sync>(&self, context: Arc<T>) {
+        *self.inner.context.lock().unwrap_or_else(PoisonError::into_inner) = Some(context);
+    }
+
+    /// The context set with [`set_context`](Self::set_context), if it is a
+    /// `T` (libqb's `qb_ipcs_context_get`).
+    #[doc(alias = "qb_ipcs_context_get")]
+    pub fn context<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let context = self.inner.context.lock().unwrap_or_else(PoisonError::into_inner).clone()?;
+        context.downcast::<T>().ok()
     }
 
     /// The client's uid, gid and pid, from the kernel.
@@ -106,6 +163,13 @@ impl Connection {
     /// Largest message (header included) in either direction.
     pub fn max_message(&self) -> usize {
         self.inner.channel.max_message()
+    }
+
+    /// Largest payload of one response or dispatch message: the
+    /// negotiated [`max_message`](Self::max_message) less the 16-byte
+    /// message header. A larger one is refused with `TooBig`.
+    pub fn max_payload(&self) -> usize {
+        self.max_message() - HEADER_LEN
     }
 
     /// Whether the connection is still open.
@@ -122,17 +186,30 @@ impl Connection {
     /// Asks the server to close this connection (server-initiated
     /// disconnect). Returns at once; the event loop closes it, wakes the
     /// client and runs the service's disconnect callback.
+    /// The client learns [`DisconnectReason::ByServer`].
     pub fn disconnect(&self) {
+        self.disconnect_because(DisconnectReason::ByServer);
+    }
+
+    /// As [`disconnect`](Self::disconnect), telling the client `reason`
+    /// (the first reason given for a connection wins).
+    pub fn disconnect_because(&self, reason: DisconnectReason) {
+        self.inner.channel.set_disconnect_reason(reason);
         self.inner.disconnect_requested.store(true, Ordering::Release);
         self.inner.waker.signal();
     }
 
-    /// The dispatch channel's flow-control state: `On` while the client's
-    /// dispatch ring is above its high watermark (until it drains to the
-    /// low one).
+    /// The dispatch channel's flow-control state: `On` while the server
+    /// holds messages for the client in its outbound queue (see
+    /// [`dispatch`](Self::dispatch)) or the client's dispatch ring is above
+    /// its high watermark (until it drains to the low one). The client's
+    /// `dispatch_flow_control()` reads the same state.
     #[doc(alias = "coroipcs_dispatch_flow_control")]
     pub fn dispatch_flow_control(&self) -> FlowState {
         self.observe_flow();
+        if self.queued_messages() > 0 {
+            return FlowState::On;
+        }
         self.inner.channel.dispatch_flow()
     }
 
@@ -150,7 +227,7 @@ impl Connection {
         self.inner.channel.request_paused()
     }
 
-    fn check_open(&self) -> Result<(), ChannelError> {
+    pub(crate) fn check_open(&self) -> Result<(), ChannelError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(ChannelError::PeerGone);
         }
@@ -162,7 +239,7 @@ impl Connection {
     /// is told). Called whenever the server looks at the connection's flow
     /// state or counters, so `flow_control_off` catches up with
     /// `flow_control_on` as soon as the client drained its ring.
-    fn observe_flow(&self) {
+    pub(crate) fn observe_flow(&self) {
         if self.inner.flow_on.load(Ordering::Acquire)
             && self.inner.channel.dispatch_flow() == FlowState::Off
             && self.inner.flow_on.compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire).is_ok()
@@ -171,7 +248,7 @@ impl Connection {
         }
     }
 
-    fn count_flow(&self, change: FlowChange) {
+    pub(crate) fn count_flow(&self, change: FlowChange) {
         let c = &self.inner.counters;
         match change {
             FlowChange::Raised => {
@@ -188,22 +265,34 @@ impl Connection {
     }
 
     /// One attempt to dispatch, never waiting: numbers the message and
-    /// pushes it under the connection's dispatch lock, so that sequence
-    /// numbers are given only to messages actually sent and reach the
-    /// client in order, whatever threads dispatch concurrently (a number
-    /// taken before the push would leave a gap on "try again" and could be
-    /// overtaken by another thread's push). The lock is held for one copy
-    /// into the ring, never while waiting.
+    /// pushes it under the connection's dispatch lock (the outbound queue's),
+    /// so that sequence numbers are given only to messages actually
+    /// accepted and reach the client in order, whatever threads dispatch
+    /// concurrently. Queued messages go first; while any is left this
+    /// message is not pushed ("try again"), so it cannot overtake them. The
+    /// lock is held for the copies into the ring, never while waiting.
     fn dispatch_once(&self, id: u32, parts: &[IoSlice<'_>]) -> (Result<FlowChange, ChannelError>, usize) {
-        let mut next_seq = self.inner.dispatch_seq.lock().unwrap_or_else(PoisonError::into_inner);
-        let header = MessageHeader { id, flags: 0, seq: *next_seq }.encode();
+        let mut q = self.inner.outbound.lock();
+        let header_len = HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>();
+        match self.drain_locked(&mut q) {
+            Ok(drained) if !drained.is_empty() => {
+                drop(q);
+                self.run_drained(drained);
+                q = self.inner.outbound.lock();
+            }
+            Ok(_) => {}
+            Err(e) => return (Err(e.into_channel()), header_len),
+        }
+        if q.has_queued() {
+            return (Err(ChannelError::TryAgain), header_len);
+        }
+        let header = MessageHeader { id, flags: 0, seq: q.next_seq() }.encode();
         let iov = with_header(&header, parts);
-        let len = iov.iter().map(|p| p.len()).sum();
         let result = self.inner.channel.try_dispatch(&iov);
         if result.is_ok() {
-            *next_seq += 1;
+            q.bump_seq();
         }
-        (result, len)
+        (result, header_len)
     }
 
     fn after_dispatch(
@@ -230,18 +319,20 @@ impl Connection {
         }
     }
 
-    /// Sends dispatch message `id` with `payload` without blocking
-    /// (coroipc's `coroipcs_dispatch_send`). Callable from any thread.
+    /// Sends dispatch message `id` with `payload` straight into the
+    /// client's ring, or not at all: never queues, never waits. Callable
+    /// from any thread. Most services want [`dispatch`](Self::dispatch),
+    /// which queues instead of answering "try again".
     ///
-    /// Messages of one connection carry consecutive sequence numbers
-    /// (from 0) in the order the client receives them.
+    /// Sequence numbers are shared with [`dispatch`](Self::dispatch): one
+    /// connection's messages carry consecutive numbers (from 0) in the
+    /// order the client receives them.
     ///
     /// # Errors
     ///
-    /// [`DispatchError::TryAgain`] while flow control is on or the ring is
-    /// full (nothing is dropped: send it again later), `TooBig`,
-    /// `Disconnected`.
-    #[doc(alias = "coroipcs_dispatch_send")]
+    /// [`DispatchError::TryAgain`] while flow control is on, the ring is
+    /// full or messages wait in the outbound queue (nothing is dropped:
+    /// send it again later), `TooBig`, `Disconnected`.
     pub fn try_dispatch(&self, id: u32, payload: &[u8]) -> Result<(), DispatchError> {
         self.try_dispatch_vectored(id, &[IoSlice::new(payload)])
     }
@@ -253,7 +344,6 @@ impl Connection {
     /// # Errors
     ///
     /// As [`try_dispatch`](Self::try_dispatch).
-    #[doc(alias = "coroipcs_dispatch_iov_send")]
     pub fn try_dispatch_vectored(&self, id: u32, parts: &[IoSlice<'_>]) -> Result<(), DispatchError> {
         self.check_open()?;
         self.observe_flow();
@@ -261,14 +351,25 @@ impl Connection {
         self.after_dispatch(result, len)
     }
 
-    /// Sends a dispatch message (the concatenation of `parts`), waiting up
-    /// to `timeout` while flow control is on or the ring is full.
+    /// Sends dispatch message `id` with `payload` into the client's ring,
+    /// waiting up to `timeout` while flow control is on, the ring is full
+    /// or earlier messages wait in the outbound queue. Unlike
+    /// [`dispatch`](Self::dispatch) the message is in the ring on `Ok`.
     ///
     /// # Errors
     ///
     /// `Timeout`, `TooBig`, `Disconnected`.
-    #[doc(alias = "coroipcs_dispatch_iov_send")]
-    pub fn dispatch_timeout(
+    pub fn dispatch_timeout(&self, id: u32, payload: &[u8], timeout: Duration) -> Result<(), DispatchError> {
+        self.dispatch_vectored_timeout(id, &[IoSlice::new(payload)], timeout)
+    }
+
+    /// Gathering form of [`dispatch_timeout`](Self::dispatch_timeout): the
+    /// message is the concatenation of `parts`.
+    ///
+    /// # Errors
+    ///
+    /// `Timeout`, `TooBig`, `Disconnected`.
+    pub fn dispatch_vectored_timeout(
         &self,
         id: u32,
         parts: &[IoSlice<'_>],
@@ -287,7 +388,8 @@ impl Connection {
             // Wait without the dispatch lock, so other threads' try_dispatch
             // keep answering at once.
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-            if let Err(e) = self.inner.channel.wait_dispatch_room(len, deadline) {
+            let need = self.inner.outbound.lock().front_len().unwrap_or(len);
+            if let Err(e) = self.inner.channel.wait_dispatch_room(need, deadline) {
                 return self.after_dispatch(Err(e), len);
             }
             self.check_open()?;
@@ -306,13 +408,15 @@ impl Connection {
         let iov = with_header(&header, parts);
         let len: usize = iov.iter().map(|p| p.len()).sum();
         let c = &self.inner.counters;
+        // Counted before the push, so that a client that has its answer
+        // never reads statistics without it; taken back if it failed.
+        Counters::bump(&c.responses, 1);
+        Counters::bump(&c.bytes_out, len as u64);
         match self.inner.channel.send_response(&iov, self.inner.response_timeout) {
-            Ok(()) => {
-                Counters::bump(&c.responses, 1);
-                Counters::bump(&c.bytes_out, len as u64);
-                Ok(())
-            }
+            Ok(()) => Ok(()),
             Err(e) => {
+                c.responses.fetch_sub(1, Ordering::Relaxed);
+                c.bytes_out.fetch_sub(len as u64, Ordering::Relaxed);
                 Counters::bump(&c.errors, 1);
                 Err(e.into())
             }
@@ -322,7 +426,7 @@ impl Connection {
 
 /// `header` followed by `parts`, without copying the parts. Small vectors
 /// stay on the stack.
-fn with_header<'a>(header: &'a [u8; HEADER_LEN], parts: &[IoSlice<'a>]) -> Iov<'a> {
+pub(crate) fn with_header<'a>(header: &'a [u8; HEADER_LEN], parts: &[IoSlice<'a>]) -> Iov<'a> {
     if parts.len() < INLINE_IOV {
         let mut a = [IoSlice::new(&[]); INLINE_IOV];
         a[0] = IoSlice::new(header);
@@ -340,7 +444,7 @@ fn with_header<'a>(header: &'a [u8; HEADER_LEN], parts: &[IoSlice<'a>]) -> Iov<'
 /// allocation per dispatch or response), more on the heap.
 const INLINE_IOV: usize = 4;
 
-enum Iov<'a> {
+pub(crate) enum Iov<'a> {
     Inline([IoSlice<'a>; INLINE_IOV], usize),
     Heap(Vec<IoSlice<'a>>),
 }

@@ -17,6 +17,11 @@ pub enum DispatchError {
     TooBig,
     /// The connection is closed (or the client corrupted it).
     Disconnected,
+    /// The client did not keep up: its outbound queue went over its bound
+    /// under [`OverflowPolicy::Disconnect`](crate::OverflowPolicy::Disconnect),
+    /// so the connection is being closed (the client learns why). This
+    /// message was not sent.
+    ClientTooSlow,
 }
 
 /// Why a response was not sent.
@@ -63,6 +68,7 @@ impl fmt::Display for DispatchError {
             Self::Timeout => "dispatch timed out",
             Self::TooBig => "dispatch message too big",
             Self::Disconnected => "connection closed",
+            Self::ClientTooSlow => "client too slow: disconnected",
         })
     }
 }

@@ -14,12 +14,19 @@
 //!   cannot change it while it is read.
 //! * Every request that wants an answer gets exactly one; a handler that
 //!   forgets answers "invalid".
-//! * Nothing is silently dropped: dispatch under flow control returns
-//!   "try again" (or waits), never discards.
+//! * Nothing is silently dropped. [`Connection::dispatch`] never fails for
+//!   want of room (coroipc's `dispatch_send`): a message the client's ring
+//!   cannot take waits in the connection's outbound queue, which the server
+//!   drains into the ring in order as the client reads; the client sees
+//!   dispatch flow control on meanwhile. The queue is bounded in bytes
+//!   ([`OutboundLimits`], per service); past the bound the service's
+//!   [`OverflowPolicy`] either makes the dispatcher wait (then "timed
+//!   out") or disconnects the client, which learns it was too slow.
+//!   [`Connection::try_dispatch`] never queues: "try again".
 //! * A client that is hostile, slow or killed affects only its own
 //!   connection: a corrupt ring closes that connection with a logged
 //!   reason; a client that does not read stalls only itself; the event loop
-//!   never blocks on one client.
+//!   never blocks on one client; memory per connection is bounded.
 //! * A panic in user code costs at most that call or that connection,
 //!   never the server. A request handler, admission callback or handler
 //!   selector that panics gets its request answered `Status::Invalid` (the
@@ -40,6 +47,37 @@
 //!   256 MiB; refusal [`Refusal::NoMemory`]).
 //! * No lock the event loop takes is held while a thread waits for a
 //!   client (a deferred answer waiting for ring space waits without it).
+//! * A client always learns why the server closed its connection
+//!   ([`DisconnectReason`]: server or service shutdown, disconnected by the
+//!   service, too slow, protocol violation, corrupt memory; "server died"
+//!   if it could not say).
+//!
+//! ## Limits and sizes
+//!
+//! * **Payload limit.** A connection's largest message (request, response
+//!   or dispatch, the 16-byte header included) is negotiated at connect:
+//!   the client's ask, or [`Limits::defaults`] (8 KiB), capped by
+//!   [`Limits::max_message_bytes`] (1 MiB by default; a larger ask is
+//!   refused "too big"). [`Connection::max_payload`] and
+//!   [`Call::max_payload`] give the payload part; larger payloads are
+//!   refused with `TooBig`, never truncated.
+//! * **Ring sizes** are rounded up to a power of two, at least twice the
+//!   largest record (so any message fits) and at least the ring minimum;
+//!   an ask above [`Limits::max_ring_bytes`] is refused.
+//!
+//! ## Logging and shutdown
+//!
+//! The server logs through the [`log`](https://docs.rs/log) facade
+//! (connection closes and their reasons at `debug`, refusals and bad
+//! clients at `info`, resource failures at `warn`); install any logger to
+//! see it. [`ServerHandle::shutdown`] (from any thread, e.g. a signal
+//! thread: see `examples/echo_server.rs`) closes every connection — each
+//! client learns [`DisconnectReason::ServerShutdown`] at once, blocked
+//! calls included — runs every disconnect callback, and makes
+//! [`Server::run`] return; dropping the [`Server`] then removes a
+//! filesystem endpoint's socket file. Responses and dispatch messages sent
+//! later through kept `Connection`s or `Responder`s fail with
+//! `Disconnected`, never panic.
 //!
 //! ## Example
 //!
@@ -75,6 +113,7 @@
 
 mod connection;
 mod error;
+mod outbound;
 pub mod poll;
 mod server;
 mod service;
@@ -83,9 +122,12 @@ mod stats;
 pub use connection::{Connection, ConnectionId, Credentials};
 pub use coroipc_ring::FlowState;
 pub use coroipc_transport::channel::Limits;
+pub use coroipc_transport::control::DisconnectReason;
 pub use coroipc_transport::handshake::{Refusal, RingSizes};
 pub use coroipc_transport::message::Status;
+pub use coroipc_transport::socket::{Endpoint, PeerCred};
 pub use error::{DispatchError, RespondError, ServerBuildError};
+pub use outbound::{OutboundLimits, OverflowPolicy};
 pub use poll::{EpollPoller, Poller, Token};
 pub use server::{AuthFn, Server, ServerBuilder, ServerHandle, LISTENER_TOKEN, WAKER_TOKEN};
 pub use service::{Admission, Call, Disconnect, Handler, Request, Responder, ServiceBuilder};

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use coroipc_transport::channel::{layout_for, negotiate, ChannelError, Limits, PendingHandshake};
+use coroipc_transport::control::DisconnectReason;
 use coroipc_transport::eventfd::EventFd;
 use coroipc_transport::handshake::{HandshakeDecodeError, Refusal, RingSizes, ServerReply};
 use coroipc_transport::message::{MessageHeader, FLAG_ONEWAY, HEADER_LEN, KNOWN_FLAGS};
@@ -17,6 +18,9 @@ use coroipc_transport::socket::{Endpoint, Listener};
 use coroipc_transport::waiter::spin_until;
 
 use crate::connection::{Connection, ConnectionId, Credentials};
+
+/// A connection's id inside the loop (its token): [`ConnectionId`]'s value.
+type RawId = u64;
 use crate::error::ServerBuildError;
 use crate::poll::{EpollPoller, Poller, Token};
 use crate::service::{Disconnect, Outcome, Request, ServiceBuilder, ServiceDyn, State};
@@ -107,7 +111,10 @@ impl ServerBuilder {
     }
 
     /// Adds a service.
-    pub fn service<S: Send + 'static>(mut self, service: ServiceBuilder<S>) -> Self {
+    pub fn service<S: Send + 'static, C: Send + Sync + 'static>(
+        mut self,
+        service: ServiceBuilder<S, C>,
+    ) -> Self {
         self.services.push(service.build());
         self
     }
@@ -224,6 +231,9 @@ impl ServerBuilder {
             registry: Mutex::new(HashMap::new()),
             closed_stats: Mutex::new(Stats::default()),
         });
+        for service in services.values() {
+            service.attach(ServerHandle { shared: shared.clone() });
+        }
         Ok(Server {
             listener,
             shared,
@@ -316,7 +326,7 @@ struct Shared {
     waker: Arc<EventFd>,
     shutdown: AtomicBool,
     control: Mutex<ControlRequests>,
-    registry: Mutex<HashMap<ConnectionId, Connection>>,
+    registry: Mutex<HashMap<RawId, Connection>>,
     /// Counters of connections that are gone.
     closed_stats: Mutex<Stats>,
 }
@@ -414,10 +424,10 @@ pub struct Server {
     /// Looked up several times per request: keyed by the server's own
     /// sequential ids, so an identity hash is enough (SipHash showed in the
     /// rr64 profile).
-    conns: HashMap<ConnectionId, Entry, BuildHasherDefault<IdHasher>>,
+    conns: HashMap<RawId, Entry, BuildHasherDefault<IdHasher>>,
     closing: Vec<Closing>,
     /// Connections polled without arming (they had requests recently).
-    active: Vec<ConnectionId>,
+    active: Vec<RawId>,
     paused_services: Vec<u16>,
     scratch: Vec<u8>,
     stopped: bool,
@@ -481,7 +491,7 @@ impl ServerHandle {
 
     /// The connection with `id`, if open.
     pub fn connection(&self, id: ConnectionId) -> Option<Connection> {
-        lock(&self.shared.registry).get(&id).cloned()
+        lock(&self.shared.registry).get(&id.get()).cloned()
     }
 
     /// Server-wide counters: every connection, open or gone.
@@ -641,8 +651,8 @@ impl Server {
     /// hello of a pending client, or serves the requests of a connection and
     /// notices its hang-up.
     #[doc(alias = "coroipcs_handler_dispatch")]
-    pub fn handle_ready(&mut self, id: u64, poller: &mut dyn Poller) {
-        self.ready(id, poller);
+    pub fn handle_ready(&mut self, id: ConnectionId, poller: &mut dyn Poller) {
+        self.ready(id.get(), poller);
         self.arm_for_sleep(poller);
     }
 
@@ -695,6 +705,7 @@ impl Server {
                 self.conns.iter().filter(|(_, e)| e.service.id() == service).map(|(id, _)| *id).collect();
             for id in ids {
                 if let Some(e) = self.conns.get(&id) {
+                    e.conn.inner.channel.set_disconnect_reason(DisconnectReason::ServiceShutdown);
                     e.conn.inner.channel.close_shutting_down();
                 }
                 self.close_connection(id, poller, "service shut down");
@@ -768,6 +779,11 @@ impl Server {
         // Connections stalled on a full response ring: retry them.
         let ids: Vec<_> = self.conns.keys().copied().collect();
         for id in ids {
+            // Outbound dispatch queues: drained by their own threads; this
+            // is the fallback if one could not be started.
+            if let Some(e) = self.conns.get(&id) {
+                e.conn.drain_outbound();
+            }
             if self.conns.get(&id).is_some_and(|e| e.conn.inner.channel.has_request()) {
                 self.serve(id, poller);
             }
@@ -891,8 +907,14 @@ impl Server {
         };
         self.memory_used += cost;
         *self.memory_by_uid.entry(peer.uid).or_insert(0) += cost;
-        let conn =
-            Connection::new(id, service.id(), channel, self.shared.waker.clone(), self.response_timeout);
+        let conn = Connection::new(
+            id,
+            service.id(),
+            channel,
+            self.shared.waker.clone(),
+            self.response_timeout,
+            service.outbound(),
+        );
         if let Err(e) = poller.register(conn.inner.channel.socket_fd(), Token(id)) {
             log::warn!("client {id}: cannot register: {e}");
             self.finish_close(conn);
@@ -973,7 +995,7 @@ impl Server {
 
     /// Serves up to a batch of requests of connection `id`.
     /// Returns how many were handled.
-    fn serve(&mut self, id: ConnectionId, poller: &mut dyn Poller) -> usize {
+    fn serve(&mut self, id: RawId, poller: &mut dyn Poller) -> usize {
         let Some(entry) = self.conns.get_mut(&id) else { return 0 };
         let conn = entry.conn.clone();
         let channel = &conn.inner.channel;
@@ -1001,6 +1023,10 @@ impl Server {
                 Ok(false) => break,
                 Err(e) => {
                     Self::count_error(&conn);
+                    channel.set_disconnect_reason(match e {
+                        ChannelError::Corrupt(_) => DisconnectReason::CorruptMemory,
+                        _ => DisconnectReason::ProtocolViolation,
+                    });
                     self.close_connection(id, poller, &format!("protocol violation: {e}"));
                     return handled;
                 }
@@ -1008,11 +1034,13 @@ impl Server {
             handled += 1;
             let Some(header) = MessageHeader::decode(&self.scratch) else {
                 Self::count_error(&conn);
+                channel.set_disconnect_reason(DisconnectReason::ProtocolViolation);
                 self.close_connection(id, poller, "request shorter than its header");
                 return handled;
             };
             if header.flags & !KNOWN_FLAGS != 0 || header.id > u32::from(u16::MAX) {
                 Self::count_error(&conn);
+                channel.set_disconnect_reason(DisconnectReason::ProtocolViolation);
                 self.close_connection(id, poller, "request with unknown flags or command");
                 return handled;
             }
@@ -1049,12 +1077,12 @@ impl Server {
     fn unregister(&mut self, conn: &Connection, poller: &mut dyn Poller) {
         let _ = poller.deregister(conn.inner.channel.socket_fd());
         let _ = poller.deregister(conn.inner.channel.request_fd());
-        self.active.retain(|&a| a != conn.id());
+        self.active.retain(|&a| a != conn.id().get());
     }
 
     /// Closes a connection: wakes the client, runs the disconnect callback
     /// (again later if it asks), then forgets the connection.
-    fn close_connection(&mut self, id: ConnectionId, poller: &mut dyn Poller, why: &str) {
+    fn close_connection(&mut self, id: RawId, poller: &mut dyn Poller, why: &str) {
         let Some(mut entry) = self.conns.remove(&id) else { return };
         log::debug!("closing connection {id}: {why}");
         self.unregister(&entry.conn, poller);
@@ -1089,7 +1117,7 @@ impl Server {
         // sees the connection either open or in the closed totals, never in
         // neither (that lost its counters from a total now and then).
         let mut registry = lock(&self.shared.registry);
-        registry.remove(&conn.id());
+        registry.remove(&conn.id().get());
         let mut closed = lock(&self.shared.closed_stats);
         *closed = Stats::sum([&*closed, &conn.stats()]);
     }
@@ -1098,6 +1126,7 @@ impl Server {
         let ids: Vec<_> = self.conns.keys().copied().collect();
         for id in ids {
             if let Some(e) = self.conns.get(&id) {
+                e.conn.inner.channel.set_disconnect_reason(DisconnectReason::ServerShutdown);
                 e.conn.inner.channel.close_shutting_down();
             }
             self.close_connection(id, poller, "server shutting down");
@@ -1235,6 +1264,7 @@ impl Drop for Server {
     fn drop(&mut self) {
         for (_, e) in self.conns.drain() {
             e.conn.inner.closed.store(true, Ordering::Release);
+            e.conn.inner.channel.set_disconnect_reason(DisconnectReason::ServerShutdown);
             e.conn.inner.channel.close();
         }
         lock(&self.shared.registry).clear();

@@ -6,13 +6,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::IoSlice;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use coroipc_transport::handshake::Refusal;
 use coroipc_transport::message::Status;
 
 use crate::connection::Connection;
 use crate::error::RespondError;
+use crate::outbound::OutboundLimits;
+use crate::server::ServerHandle;
 
 /// A request as a handler sees it: in server-private memory (copied out of
 /// the shared ring before any handler runs, so a client cannot change it
@@ -75,20 +77,22 @@ pub enum Disconnect {
 /// Every request that wants a response gets exactly one: a `Call` dropped
 /// without answering answers [`Status::Invalid`], so a client never waits
 /// for a response that will not come.
-pub struct Call<'a, S> {
+pub struct Call<'a, S, C = ()> {
     request: Request<'a>,
     state: &'a mut S,
     connection: &'a Connection,
+    context: &'a C,
+    server: &'a ServerHandle,
     answered: bool,
 }
 
-impl<S> fmt::Debug for Call<'_, S> {
+impl<S, C> fmt::Debug for Call<'_, S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Call").field("request", &self.request).finish_non_exhaustive()
     }
 }
 
-impl<'a, S> Call<'a, S> {
+impl<'a, S, C> Call<'a, S, C> {
     /// The request.
     pub fn request(&self) -> Request<'a> {
         self.request
@@ -108,6 +112,25 @@ impl<'a, S> Call<'a, S> {
     /// The connection (clone it to keep it past this call).
     pub fn connection(&self) -> &Connection {
         self.connection
+    }
+
+    /// The service's shared context, given to
+    /// [`ServiceBuilder::with_context`] (no `Arc` clone per handler).
+    pub fn context(&self) -> &'a C {
+        self.context
+    }
+
+    /// The server this call arrived at: its connections (with
+    /// [`ServerHandle::connections`]), statistics, shutdown.
+    pub fn server(&self) -> &'a ServerHandle {
+        self.server
+    }
+
+    /// Largest response payload this connection carries (its negotiated
+    /// maximum message less the 16-byte header); a larger response is
+    /// refused with `TooBig` and the client is answered [`Status::TooBig`].
+    pub fn max_payload(&self) -> usize {
+        self.connection.max_payload()
     }
 
     /// Answers with `payload` (coroipc's `coroipcs_response_send`).
@@ -169,7 +192,7 @@ impl<'a, S> Call<'a, S> {
     }
 }
 
-impl<S> Drop for Call<'_, S> {
+impl<S, C> Drop for Call<'_, S, C> {
     fn drop(&mut self) {
         if !self.answered && !self.request.oneway {
             let _ = self.connection.respond(self.request.seq, Status::Invalid, &[]);
@@ -262,24 +285,27 @@ fn answer(connection: &Connection, seq: u64, parts: &[IoSlice<'_>]) -> Result<()
 }
 
 /// A request handler.
-pub type Handler<S> = Arc<dyn Fn(Call<'_, S>) + Send + Sync>;
+pub type Handler<S, C = ()> = Arc<dyn Fn(Call<'_, S, C>) + Send + Sync>;
 
 type ConnectFn<S> = Box<dyn Fn(&Connection) -> Result<S, Refusal> + Send + Sync>;
 type DisconnectFn<S> = Box<dyn Fn(&Connection, &mut S) -> Disconnect + Send + Sync>;
-type SelectorFn<S> = Box<dyn Fn(u16) -> Option<Handler<S>> + Send + Sync>;
+type SelectorFn<S, C> = Box<dyn Fn(u16) -> Option<Handler<S, C>> + Send + Sync>;
 type AdmissionFn<S> = Box<dyn Fn(&Request<'_>, &mut S, &Connection) -> Admission + Send + Sync>;
 
 /// Describes one service: its id, the per-connection state type `S`, its
 /// callbacks and handlers. Hand it to
 /// [`ServerBuilder::service`](crate::ServerBuilder::service).
-pub struct ServiceBuilder<S> {
+pub struct ServiceBuilder<S, C = ()> {
     id: u16,
     connect: ConnectFn<S>,
     disconnect: Option<DisconnectFn<S>>,
-    handlers: HashMap<u16, Handler<S>>,
-    selector: Option<SelectorFn<S>>,
+    handlers: HashMap<u16, Handler<S, C>>,
+    selector: Option<SelectorFn<S, C>>,
+    context: C,
+    server: OnceLock<ServerHandle>,
     admission: Option<AdmissionFn<S>>,
     max_connections: Option<usize>,
+    outbound: OutboundLimits,
 }
 
 impl<S: Send + 'static> ServiceBuilder<S> {
@@ -287,6 +313,32 @@ impl<S: Send + 'static> ServiceBuilder<S> {
     /// `connect` when a client connects (coroipc's `lib_init_fn`). The
     /// callback may dispatch to the new connection; an `Err` closes it.
     pub fn new(id: u16, connect: impl Fn(&Connection) -> Result<S, Refusal> + Send + Sync + 'static) -> Self {
+        Self::with_context(id, (), connect)
+    }
+}
+
+impl<S: Send + 'static, C: Send + Sync + 'static> ServiceBuilder<S, C> {
+    /// As [`new`](ServiceBuilder::new), with a context shared by every
+    /// handler and callback of the service: handlers reach it through
+    /// [`Call::context`] (no `Arc` clone per handler).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU64, Ordering};
+    /// use coroipc_server::ServiceBuilder;
+    ///
+    /// let service = ServiceBuilder::with_context(1, AtomicU64::new(0), |_| Ok(())).handler(0, |call| {
+    ///     let n = call.context().fetch_add(1, Ordering::Relaxed) + 1;
+    ///     let _ = call.respond(&n.to_le_bytes());
+    /// });
+    /// # let _ = service;
+    /// ```
+    pub fn with_context(
+        id: u16,
+        context: C,
+        connect: impl Fn(&Connection) -> Result<S, Refusal> + Send + Sync + 'static,
+    ) -> Self {
         Self {
             id,
             connect: Box::new(connect),
@@ -294,7 +346,10 @@ impl<S: Send + 'static> ServiceBuilder<S> {
             handlers: HashMap::new(),
             selector: None,
             admission: None,
+            context,
+            server: OnceLock::new(),
             max_connections: None,
+            outbound: OutboundLimits::default(),
         }
     }
 
@@ -310,15 +365,54 @@ impl<S: Send + 'static> ServiceBuilder<S> {
     }
 
     /// Registers the handler of command `command` in the default table.
-    pub fn handler(mut self, command: u16, f: impl Fn(Call<'_, S>) + Send + Sync + 'static) -> Self {
+    pub fn handler(mut self, command: u16, f: impl Fn(Call<'_, S, C>) + Send + Sync + 'static) -> Self {
         self.handlers.insert(command, Arc::new(f));
         self
+    }
+
+    /// Registers a handler whose result is the answer, so it can use `?`:
+    /// `Ok(bytes)` is sent as the response, `Err(e)` answers the error
+    /// status `e.into()` with no payload (make your error type
+    /// `Into<Status>`, e.g. a service code `Status::Service(1000 + n)`).
+    /// A handler that answered itself (e.g. with
+    /// [`Call::respond_vectored`]) cannot be written this way; use
+    /// [`handler`](Self::handler).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroipc_server::{ServiceBuilder, Status};
+    ///
+    /// let service = ServiceBuilder::new(1, |_| Ok(())).handler_result(0, |call| {
+    ///     let bytes: [u8; 8] = call.payload().try_into().map_err(|_| Status::Invalid)?;
+    ///     let n = u64::from_le_bytes(bytes).checked_mul(2).ok_or(Status::Service(1001))?;
+    ///     Ok::<_, Status>(n.to_le_bytes())
+    /// });
+    /// # let _ = service;
+    /// ```
+    pub fn handler_result<R, E>(
+        self,
+        command: u16,
+        f: impl Fn(&mut Call<'_, S, C>) -> Result<R, E> + Send + Sync + 'static,
+    ) -> Self
+    where
+        R: AsRef<[u8]>,
+        E: Into<Status>,
+    {
+        self.handler(command, move |mut call| match f(&mut call) {
+            Ok(bytes) => {
+                let _ = call.respond(bytes.as_ref());
+            }
+            Err(e) => {
+                let _ = call.respond_status(e.into());
+            }
+        })
     }
 
     /// Replaces the table lookup with a user-defined selector (coroipc's
     /// handler selector): returns the handler for a command id, or `None`
     /// ("invalid" is answered).
-    pub fn selector(mut self, f: impl Fn(u16) -> Option<Handler<S>> + Send + Sync + 'static) -> Self {
+    pub fn selector(mut self, f: impl Fn(u16) -> Option<Handler<S, C>> + Send + Sync + 'static) -> Self {
         self.selector = Some(Box::new(f));
         self
     }
@@ -330,6 +424,15 @@ impl<S: Send + 'static> ServiceBuilder<S> {
         f: impl Fn(&Request<'_>, &mut S, &Connection) -> Admission + Send + Sync + 'static,
     ) -> Self {
         self.admission = Some(Box::new(f));
+        self
+    }
+
+    /// Sets the bound and overflow policy of each connection's outbound
+    /// dispatch queue (see [`Connection::dispatch`]); the default is
+    /// [`OutboundLimits::default`] (1 MiB, then the client is disconnected
+    /// as too slow).
+    pub fn outbound(mut self, limits: OutboundLimits) -> Self {
+        self.outbound = limits;
         self
     }
 
@@ -351,6 +454,9 @@ pub(crate) type State = Box<dyn Any + Send>;
 pub(crate) trait ServiceDyn: Send + Sync {
     fn id(&self) -> u16;
     fn max_connections(&self) -> Option<usize>;
+    fn outbound(&self) -> OutboundLimits;
+    /// Gives the service its server's handle (once, when the server is built).
+    fn attach(&self, server: ServerHandle);
     fn connect(&self, conn: &Connection) -> Result<State, Refusal>;
     /// Admission, selection and the handler; answers itself on refusal.
     fn handle(&self, state: &mut State, conn: &Connection, request: Request<'_>) -> Outcome;
@@ -365,13 +471,21 @@ pub(crate) enum Outcome {
     Unknown,
 }
 
-impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
+impl<S: Send + 'static, C: Send + Sync + 'static> ServiceDyn for ServiceBuilder<S, C> {
     fn id(&self) -> u16 {
         self.id
     }
 
     fn max_connections(&self) -> Option<usize> {
         self.max_connections
+    }
+
+    fn outbound(&self) -> OutboundLimits {
+        self.outbound
+    }
+
+    fn attach(&self, server: ServerHandle) {
+        let _ = self.server.set(server);
     }
 
     fn connect(&self, conn: &Connection) -> Result<State, Refusal> {
@@ -424,9 +538,16 @@ impl<S: Send + 'static> ServiceDyn for ServiceBuilder<S> {
             }
             return Outcome::Unknown;
         };
+        let Some(server) = self.server.get() else {
+            // Not attached: cannot happen for a built server; answer, never panic.
+            if !request.oneway {
+                let _ = conn.respond(request.seq, Status::Invalid, &[]);
+            }
+            return Outcome::Unknown;
+        };
         // A panicking handler drops its `Call` (or the `Responder` it
         // deferred to) while unwinding, and dropping answers "invalid".
-        let call = Call { request, state, connection: conn, answered: false };
+        let call = Call { request, state, connection: conn, context: &self.context, server, answered: false };
         match catch_unwind(AssertUnwindSafe(|| handler(call))) {
             Ok(()) => Outcome::Handled,
             Err(p) => {

@@ -10,7 +10,7 @@ use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
 use common::*;
-use coroipc_client::{Client, Error};
+use coroipc_client::{Client, DisconnectReason, Error};
 use coroipc_server::{Server, ServiceBuilder, LISTENER_TOKEN, WAKER_TOKEN};
 
 const T: Duration = Duration::from_secs(10);
@@ -90,7 +90,7 @@ fn a_poll_loop_handles_disconnects_and_shutdown() {
         server.proc.expect("PARKED", T);
         server.proc.command("shutdown", "OK");
         let r = t.join().unwrap();
-        assert!(matches!(r, Err(Error::ShuttingDown)), "{r:?}");
+        assert!(matches!(r, Err(Error::Disconnected(DisconnectReason::ServerShutdown))), "{r:?}");
     });
     let done = server.proc.expect("POLL_LOOP_DONE", T);
     assert_eq!(num(&done, "registered"), 0, "every fd was deregistered");

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use coroipc_client::{Client, Error};
+use coroipc_client::{Client, DisconnectReason, Error};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -91,7 +91,7 @@ fn server_initiated_disconnect_wakes_the_client_with_connection_lost() {
         let ok = server.proc.command(&format!("disconnect {id}"), "OK");
         assert_eq!(field(&ok, "found"), "true");
         let (r, woke) = blocked.join().expect("blocked receiver");
-        assert!(matches!(r, Err(Error::ConnectionLost)), "{r:?}");
+        assert!(matches!(r, Err(Error::Disconnected(_))), "{r:?}");
         assert!(woke.duration_since(at) < Duration::from_secs(1), "woken promptly");
     });
     server.proc.expect_with("DISCONNECT_DONE", "id", &id.to_string(), T);
@@ -152,11 +152,14 @@ fn shutdown_wakes_every_blocked_client_promptly() {
         let at = Instant::now();
         server.proc.command("shutdown", "OK");
         let (r, woke) = blocked.join().expect("blocked caller");
-        assert!(matches!(r, Err(Error::ShuttingDown)), "a shutdown says so: {r:?}");
+        assert!(
+            matches!(r, Err(Error::Disconnected(DisconnectReason::ServerShutdown))),
+            "a shutdown says so: {r:?}"
+        );
         assert!(woke.duration_since(at) < Duration::from_secs(1), "woken in {:?}", woke.duration_since(at));
     });
     let remote_result = remote.expect("CALL_RESULT", T);
-    assert_eq!(field(&remote_result, "error"), "ShuttingDown");
+    assert_eq!(field(&remote_result, "error"), "Disconnected.ServerShutdown");
     server.proc.expect_with("DISCONNECT_DONE", "id", &id.to_string(), T);
     let stopped = server.proc.expect("STOPPED", T);
     assert_eq!(num(&stopped, "parked"), 2, "the parked responders outlived the connections harmlessly");
@@ -172,7 +175,7 @@ fn shutting_down_one_service_closes_its_connections_and_refuses_new_ones() {
     let (echo_client, _) = connect_echo(&server.ep);
     server.proc.command(&format!("shutdown_service {SVC_COUNTER}"), "OK");
     let lost = listener.expect("LOST", T);
-    assert_eq!(field(&lost, "error"), "ShuttingDown");
+    assert_eq!(field(&lost, "error"), "Disconnected.ServiceShutdown");
     let r = Client::connect(&server.ep, SVC_COUNTER);
     assert!(matches!(r, Err(Error::NoSuchService)), "{r:?}");
     echo(&echo_client, b"the other service carries on");

@@ -168,10 +168,10 @@ fn server_sigkilled_mid_request_client_gets_connection_lost_within_100ms_and_cle
     let line = client.expect("RESULT", T);
     let waited_ms = (num(&line, "at") as f64 - killed_at as f64) / 1e6;
     eprintln!("blocked call returned {waited_ms:.2} ms after the server's SIGKILL: {line}");
-    assert_eq!(field(&line, "err"), "ConnectionLost", "{line}");
+    assert_eq!(field(&line, "err"), "Disconnected.ServerDied", "{line}");
     assert!(waited_ms < 100.0, "the blocked call noticed the death after {waited_ms:.1} ms");
-    assert_eq!(field(&line, "again"), "ConnectionLost", "later calls fail at once");
-    assert_eq!(field(&line, "dispatch"), "ConnectionLost", "dispatch receive too");
+    assert_eq!(field(&line, "again"), "Disconnected.ServerDied", "later calls fail at once");
+    assert_eq!(field(&line, "dispatch"), "Disconnected.ServerDied", "dispatch receive too");
     assert_eq!(field(&line, "connected"), "false");
     assert_eq!(num(&line, "fds_after"), num(&line, "fds_before"), "the client closed every descriptor");
     assert_eq!(num(&line, "maps_after"), num(&line, "maps_before"), "and unmapped the segment");
@@ -242,7 +242,7 @@ fn disconnect_from_a_handler_with_a_retried_disconnect_callback_and_dispatch_fro
     let r = client.call(CMD_ECHO, b"x", &mut buf);
     assert!(is_lost(&r), "{r:?}");
     assert!(start.elapsed() < Duration::from_secs(1), "told at once, not after the retries");
-    assert!(matches!(client.try_recv_dispatch(&mut buf), Err(Error::ConnectionLost)));
+    assert!(matches!(client.try_recv_dispatch(&mut buf), Err(Error::Disconnected(_))));
 
     // The callback asked twice to be retried: three calls, then done.
     for calls in 1..=3 {

@@ -177,7 +177,7 @@ fn a_service_shut_down_while_a_handler_thread_holds_a_connection_handle() {
     server.proc.expect_with("HOLDING", "id", &id.to_string(), T);
     server.proc.command(&format!("shutdown_service {SVC_REL}"), "OK");
     let (r, waited, client) = waiter.join().unwrap();
-    assert_eq!(r, Err("ShuttingDown".into()), "the blocked call learns of the shutdown");
+    assert_eq!(r, Err("Disconnected.ServiceShutdown".into()), "the blocked call learns of the shutdown");
     assert!(waited < Duration::from_secs(5), "promptly ({waited:?})");
     let disc = server.proc.expect_with("DISC", "id", &id.to_string(), T);
     assert_eq!(num(&disc, "calls"), 1, "{disc}");

@@ -44,7 +44,7 @@ use coroipc_ring::{
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::bell::Bell;
-use crate::control::{Control, Side, CONTROL_LEN};
+use crate::control::{Control, DisconnectReason, Side, CONTROL_LEN};
 use crate::eventfd::EventFd;
 use crate::handshake::{
     Accepted, ClientHello, HandshakeDecodeError, Refusal, Region, RingSizes, SegmentLayout, ServerReply,
@@ -79,9 +79,9 @@ pub enum ChannelError {
     },
     /// The peer closed the connection or died.
     PeerGone,
-    /// The server closed the connection because the service or the whole
-    /// server is shutting down.
-    ShuttingDown,
+    /// (Client side) the server closed the connection or died, and this is
+    /// why (see [`DisconnectReason`]).
+    Disconnected(DisconnectReason),
     /// The peer corrupted shared memory; the connection must be dropped.
     Corrupt(Corruption),
 }
@@ -94,7 +94,7 @@ impl fmt::Display for ChannelError {
             Self::TooBig { len, max } => write!(f, "message of {len} bytes exceeds maximum {max}"),
             Self::BufferTooSmall { needed } => write!(f, "buffer too small: message has {needed} bytes"),
             Self::PeerGone => f.write_str("connection lost"),
-            Self::ShuttingDown => f.write_str("shutting down"),
+            Self::Disconnected(reason) => write!(f, "{reason}"),
             Self::Corrupt(c) => write!(f, "shared memory corrupt: {c}"),
         }
     }
@@ -661,6 +661,18 @@ impl ServerChannel {
         self.liveness().peer_alive()
     }
 
+    /// Sets the control block's "dispatch messages queued" flag, which the
+    /// client reads as dispatch flow control (see [`crate::control`]).
+    pub fn set_dispatch_queued(&self, queued: bool) {
+        self.control().set_dispatch_queued(queued);
+    }
+
+    /// Records why the server is about to close the connection (the first
+    /// reason given wins); the client reads it once it sees the close.
+    pub fn set_disconnect_reason(&self, reason: DisconnectReason) {
+        self.control().set_disconnect_reason(reason);
+    }
+
     /// Closes the connection because the service or the server shuts down:
     /// the client reports "shutting down" rather than "connection lost".
     pub fn close_shutting_down(&self) {
@@ -1015,8 +1027,13 @@ impl ClientChannel {
         self.control().request_paused()
     }
 
-    /// The dispatch ring's flow-control state.
+    /// Dispatch flow control: `On` while the server holds dispatch
+    /// messages for this client in its outbound queue, or the dispatch
+    /// ring is above its high watermark (until it drains to the low one).
     pub fn dispatch_flow(&self) -> FlowState {
+        if self.control().dispatch_queued() {
+            return FlowState::On;
+        }
         self.dispatch.flow_state()
     }
 
@@ -1024,14 +1041,25 @@ impl ClientChannel {
         !self.control().is_open(Side::Server)
     }
 
-    /// The error for a server that went away: "shutting down" if it said
-    /// so, "connection lost" otherwise.
-    fn lost(&self) -> ChannelError {
-        if self.control().server_shutting_down() {
-            ChannelError::ShuttingDown
-        } else {
-            ChannelError::PeerGone
+    /// Why the server went away: the reason it wrote into the control
+    /// block before closing its side (validated: an unknown value is
+    /// [`DisconnectReason::Unknown`]); [`DisconnectReason::ServerDied`] if
+    /// it never closed its side (killed, crashed). Meaningful once a call
+    /// failed because the server is gone.
+    pub fn disconnect_reason(&self) -> DisconnectReason {
+        let control = self.control();
+        if control.is_open(Side::Server) {
+            return DisconnectReason::ServerDied;
         }
+        match control.disconnect_reason() {
+            Some(reason) => reason,
+            None if control.server_shutting_down() => DisconnectReason::ServerShutdown,
+            None => DisconnectReason::Unknown,
+        }
+    }
+
+    fn lost(&self) -> ChannelError {
+        ChannelError::Disconnected(self.disconnect_reason())
     }
 
     fn reason(&self, e: ChannelError) -> ChannelError {
@@ -1390,7 +1418,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         server.close();
         let (r, waited) = t.join().unwrap();
-        assert_eq!(r, Err(ChannelError::PeerGone));
+        // Closed without giving a reason.
+        assert_eq!(r, Err(ChannelError::Disconnected(DisconnectReason::Unknown)));
         assert!(waited < Duration::from_secs(2), "woken promptly, waited {waited:?}");
     }
 

@@ -527,7 +527,7 @@ fn garbage_server_state_reads_as_closed() {
     });
     go.send(()).unwrap();
     let r = within(T, "wait", move || client.wait_response(Some(Instant::now() + T)));
-    assert_eq!(r, Err(ChannelError::PeerGone));
+    assert_eq!(r, Err(ChannelError::Disconnected(coroipc_transport::control::DisconnectReason::Unknown)));
     server.join();
 }
 

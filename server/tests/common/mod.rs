@@ -355,8 +355,8 @@ fn env_num(key: &str) -> Option<u64> {
 fn echo_service(retry_disconnect: u32, parked: Arc<Mutex<Vec<Responder>>>) -> ServiceBuilder<EchoState> {
     ServiceBuilder::new(SVC_ECHO, |conn: &Connection| {
         report("CONNECT", &format!("id={} service={}", conn.id(), conn.service()));
-        conn.try_dispatch(DISPATCH_WELCOME, &conn.id().to_le_bytes()).expect("welcome dispatch fits");
-        Ok(EchoState { id: conn.id(), count: 0, disconnect_tries: 0 })
+        conn.try_dispatch(DISPATCH_WELCOME, &conn.id().get().to_le_bytes()).expect("welcome dispatch fits");
+        Ok(EchoState { id: conn.id().get(), count: 0, disconnect_tries: 0 })
     })
     .on_disconnect(move |conn, state: &mut EchoState| {
         state.disconnect_tries += 1;
@@ -394,7 +394,8 @@ fn echo_service(retry_disconnect: u32, parked: Arc<Mutex<Vec<Responder>>>) -> Se
         let responder = call.defer();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(ms.into()));
-            let sent = conn.dispatch_timeout(DISPATCH_LATE, &[IoSlice::new(&data)], Duration::from_secs(5));
+            let sent =
+                conn.dispatch_vectored_timeout(DISPATCH_LATE, &[IoSlice::new(&data)], Duration::from_secs(5));
             let answered = responder.respond(&data);
             report("DEFERRED", &format!("id={} dispatch={sent:?} respond={answered:?}", conn.id()));
         }); // coroipcs_refcount_dec: the clones drop here
@@ -471,7 +472,7 @@ fn storm(conn: Connection, n: u32, size: usize, threads: u32) {
                         let r = if attempt % 2 == 0 {
                             conn.try_dispatch(DISPATCH_STORM, &msg)
                         } else {
-                            conn.dispatch_timeout(
+                            conn.dispatch_vectored_timeout(
                                 DISPATCH_STORM,
                                 &[IoSlice::new(&msg)],
                                 Duration::from_secs(10),
@@ -528,7 +529,7 @@ fn counter_service() -> ServiceBuilder<()> {
         let v = value.fetch_add(1, Ordering::SeqCst) + 1;
         let everybody = clients.lock().unwrap().clone();
         for c in everybody {
-            let r = c.dispatch_timeout(
+            let r = c.dispatch_vectored_timeout(
                 DISPATCH_COUNTER,
                 &[IoSlice::new(&v.to_le_bytes())],
                 Duration::from_secs(5),
@@ -651,6 +652,9 @@ fn test_server_process() {
 // ---------------------------------------------------------------------------
 
 fn error_name(e: &Error) -> String {
+    if let Error::Disconnected(reason) = e {
+        return format!("Disconnected.{reason:?}");
+    }
     format!("{e:?}").split(['(', ' ', '{']).next().unwrap_or("?").to_string()
 }
 
@@ -714,9 +718,9 @@ fn test_client_process() {
     }
 }
 
-/// Whether `err` is `ConnectionLost`.
+/// Whether `err` is `Disconnected` (any reason).
 pub fn is_lost<T: std::fmt::Debug>(r: &Result<T, Error>) -> bool {
-    matches!(r, Err(Error::ConnectionLost))
+    matches!(r, Err(Error::Disconnected(_)))
 }
 
 /// The fields of a `SERVER_STATS`/`CONN_STATS` line.

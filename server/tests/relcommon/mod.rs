@@ -330,9 +330,9 @@ fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
         .map(|v| v.split(',').map(|c| c.trim().parse().expect("command id")).collect());
     ServiceBuilder::new(SVC_REL, |conn: &Connection| {
         // Dispatch from inside the connect callback.
-        let r = conn.try_dispatch(DISPATCH_WELCOME, &conn.id().to_le_bytes());
+        let r = conn.try_dispatch(DISPATCH_WELCOME, &conn.id().get().to_le_bytes());
         report("CONNECTED", &format!("id={} welcome={r:?}", conn.id()));
-        Ok(RelState { id: conn.id(), panic_on_disconnect: false })
+        Ok(RelState { id: conn.id().get(), panic_on_disconnect: false })
     })
     .admission(move |request, _state, _conn| {
         if only.as_ref().is_some_and(|o| !o.contains(&request.command())) {
@@ -344,13 +344,13 @@ fn rel_service(retry: u32) -> ServiceBuilder<RelState> {
         coroipc_server::Admission::Allow
     })
     .on_disconnect(move |conn, state| {
-        assert_eq!(conn.id(), state.id, "the state belongs to its connection");
+        assert_eq!(conn.id().get(), state.id, "the state belongs to its connection");
         if state.panic_on_disconnect {
             report("DISC_PANIC", &format!("id={}", conn.id()));
             panic!("test: disconnect callback panics");
         }
         let mut d = globals().disconnects.lock().unwrap();
-        let n = d.entry(conn.id()).or_insert(0);
+        let n = d.entry(conn.id().get()).or_insert(0);
         *n += 1;
         let calls = *n;
         drop(d);
@@ -493,7 +493,7 @@ fn storm(conn: Connection, n: u32, every: u32) {
             let r = if again % 2 == 0 {
                 conn.try_dispatch(DISPATCH_STORM, &p)
             } else {
-                conn.dispatch_timeout(DISPATCH_STORM, &[IoSlice::new(&p)], Duration::from_secs(10))
+                conn.dispatch_vectored_timeout(DISPATCH_STORM, &[IoSlice::new(&p)], Duration::from_secs(10))
             };
             match r {
                 Ok(()) => break,
@@ -663,6 +663,7 @@ pub fn error_name(e: &Error) -> String {
     match e {
         Error::Protocol(_) => "Protocol".into(),
         Error::Io(_) => "Io".into(),
+        Error::Disconnected(reason) => format!("Disconnected.{reason:?}"),
         other => format!("{other:?}").split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?").to_string(),
     }
 }
@@ -789,7 +790,7 @@ pub fn next_tag() -> u64 {
 }
 
 pub fn is_lost<T: std::fmt::Debug>(r: &Result<T, Error>) -> bool {
-    matches!(r, Err(Error::ConnectionLost))
+    matches!(r, Err(Error::Disconnected(_)))
 }
 
 /// `CLOCK_MONOTONIC` in ns: one clock for all processes of the host.
