@@ -47,12 +47,15 @@ enum Outcome {
     /// Garbage anywhere: `Corrupt` or `PeerGone` (whichever the garbage
     /// hits first), while the client is still alive.
     Dropped,
-    /// The dispatch ring's header holds its flow-control word as well as
-    /// its positions. Garbage in the positions is caught (`Corrupt`) when
-    /// the server next needs room; garbage in the flow word reads as "flow
-    /// control on", and then the server sends this client nothing and never
-    /// looks at the positions: the client only starves itself, until it
-    /// leaves (`PeerGone`). Which one comes first is timing.
+    /// The dispatch ring, which the server fills and the client drains.
+    /// The server reads the client's position only when it needs room, and
+    /// not at all while flow control is on (garbage in the header's flow
+    /// word reads as "on"; so does a ring the client stopped draining once
+    /// it is past its high watermark). Garbage the server reads is caught
+    /// (`Corrupt`, the client dropped while alive); otherwise the server
+    /// sends this client nothing more, and the client only starves itself
+    /// until it leaves (`PeerGone`). Which comes first is timing: the
+    /// client's own drain stores real positions between the garbage.
     CorruptOrStarved,
     /// Memory the server never trusts after connect (ring config, copied
     /// once at attach) or only uses as a hint (wait words: a bogus value
@@ -71,7 +74,7 @@ const TARGETS: [(&str, Outcome); 12] = [
     ("request-records", Outcome::Corrupt),
     ("response-positions", Outcome::Corrupt),
     ("response-header", Outcome::Corrupt),
-    ("dispatch-positions", Outcome::Corrupt),
+    ("dispatch-positions", Outcome::CorruptOrStarved),
     ("dispatch-header", Outcome::CorruptOrStarved),
     ("wait-words-everywhere", Outcome::Harmless),
     ("everything", Outcome::Dropped),
@@ -142,10 +145,23 @@ fn hostile_client() {
     let mut requests =
         Producer::attach(region.clone(), r.offset as usize, r.len as usize).expect("request ring");
     // It drains what the server sends, so that the server is never merely
-    // waiting for space: whatever ends the connection is the garbage.
+    // waiting for space: whatever ends the connection is the garbage. The
+    // exception is the response ring when it scribbles the response ring's
+    // consumer position: draining would store real positions between the
+    // garbage, and whether the server then reads garbage or a real position
+    // would be timing (under load it may only ever see real ones). Left
+    // undrained, the ring fills, and the server re-reads the garbage on every
+    // attempt to answer (a corrupt position counts as "room", so the push
+    // that follows reports it). The dispatch ring cannot be pinned down so:
+    // once it is full, flow control stops the server from touching it (see
+    // `CorruptOrStarved`).
     let attach =
         |r: Region| Consumer::attach(region.clone(), r.offset as usize, r.len as usize).expect("ring");
-    let mut inbound = [attach(accepted.layout.response), attach(accepted.layout.dispatch)];
+    let response_head_scribbled = target == "response-positions" || target == "response-header";
+    let mut inbound = vec![attach(accepted.layout.dispatch)];
+    if !response_head_scribbled {
+        inbound.push(attach(accepted.layout.response));
+    }
     let mut sink = vec![0u8; 4096];
     let ranges = target_ranges(&target, &accepted);
     report("READY", &format!("pid={} target={target}", std::process::id()));
