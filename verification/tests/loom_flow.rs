@@ -10,9 +10,13 @@
 //! 2. Transitions are paired: `#Raised − #Cleared` reported by commits and
 //!    releases equals 1 if the state is `On`, else 0 (a producer that
 //!    withdraws its own raise reports nothing; one whose withdrawal loses to
-//!    the consumer's clear reports `Raised`). Records of 16 bytes in a
-//!    64-byte ring never need padding here, so the padding-skip case
-//!    (see README, ring findings) does not arise.
+//!    the consumer's clear reports `Raised`).
+//!
+//! The first model's records (16 bytes in a 64-byte ring) never need
+//! padding; `flow_control_holds_across_a_padding_skip` makes the producer
+//! wrap, so the consumer's skip over the padding record (a release inside
+//! `try_peek`, whose transition is reported by the next
+//! `ReadGrant::release`) takes part in the handshake.
 #![cfg(coroipc_loom)]
 
 use std::sync::Arc;
@@ -115,6 +119,67 @@ fn mpsc_flow_never_stays_on_over_a_drained_ring() {
             count(&changes, FlowChange::Raised) - count(&changes, FlowChange::Cleared),
             i64::from(on),
             "reported transitions must pair up with the final state"
+        );
+    });
+}
+
+/// Records of 24 bytes in a 64-byte ring: the third does not fit in the 16
+/// bytes before the end, so the producer writes a 16-byte padding record and
+/// wraps (and must wait for the consumer to free the first record). The
+/// padding counts in the fill; the consumer releases it inside `try_peek`
+/// before the third record. With `low` at one record, that skip is the
+/// release that clears flow control whenever the third commit raised it
+/// (the third record's own release then finds it off), so a dropped report
+/// of the skip's `Cleared` leaves the transitions unpaired. Same assertions
+/// as above, at quiescence and after draining.
+#[test]
+fn flow_control_holds_across_a_padding_skip() {
+    const W: Watermarks = Watermarks { high: 40, low: 24 };
+    const RECORD: u64 = 24; // payload 16 + header 8
+    const POPS: u64 = 2;
+    loom::model(|| {
+        let region = new_ring(&RingConfig::new(64).with_watermarks(W));
+        let futex = Arc::new(LoomFutex::new());
+        let mut tx = BlockingProducer::new(&region, &futex);
+        let mut rx = BlockingConsumer::new(&region, &futex);
+
+        let writer = thread::spawn(move || {
+            let changes: Vec<_> = (0..3u8).map(|seq| tx.push(&payload(0, seq, 16))).collect();
+            (tx, changes)
+        });
+        let mut cleared = Vec::new();
+        for seq in 0..POPS as u8 {
+            let (bytes, change) = rx.pop();
+            assert_eq!(decode(&bytes), (0, seq), "records in order");
+            cleared.push(change);
+        }
+        let (tx, raised) = writer.join().expect("producer thread");
+
+        // Three records and one padding record published, two records
+        // consumed: the third record and the padding are left, whether or
+        // not the consumer has skipped the padding yet (it skips it only
+        // when it peeks the third record, which it has not).
+        let fill = 3 * RECORD + 16 - POPS * RECORD;
+        let on = rx.rx.flow_state() == FlowState::On;
+        assert_eq!(tx.tx.flow_state(), rx.rx.flow_state(), "both sides read the same shared state");
+        assert!(!on || fill > W.low, "flow state On implies fill > low (fill {fill})");
+        let all: Vec<_> = raised.iter().chain(&cleared).copied().collect();
+        assert_eq!(
+            count(&all, FlowChange::Raised) - count(&all, FlowChange::Cleared),
+            i64::from(on),
+            "reported Raised/Cleared transitions must pair up with the final state"
+        );
+
+        let mut drained = all;
+        let (bytes, change) = rx.try_pop().expect("the third record is published");
+        assert_eq!(decode(&bytes), (0, 2), "the record after the padding");
+        drained.push(change);
+        assert!(rx.try_pop().is_none(), "three records, no more");
+        assert_eq!(rx.rx.flow_state(), FlowState::Off, "a drained ring has flow control off");
+        assert_eq!(
+            count(&drained, FlowChange::Raised),
+            count(&drained, FlowChange::Cleared),
+            "every Raised is matched by exactly one Cleared once drained, the padding skip's included"
         );
     });
 }
