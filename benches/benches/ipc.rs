@@ -163,7 +163,7 @@ fn main() {
     if let Some(i) = args.iter().position(|a| a == "--role") {
         let (transport, endpoint) = (&args[i + 2], &args[i + 3]);
         let result = match transport.as_str() {
-            "coroipc" => rpc::serve(endpoint, Duration::from_micros(50)),
+            "coroipc" => rpc::serve(endpoint, Duration::from_micros(50), 16),
             _ => uds::serve(endpoint),
         };
         if let Err(e) = result {

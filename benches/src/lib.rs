@@ -14,5 +14,6 @@ pub mod floor;
 pub mod proc;
 pub mod report;
 pub mod rpc;
+pub mod scale;
 pub mod uds;
 pub mod workload;

@@ -59,6 +59,11 @@ impl Proc {
         Sample::parse(&line).expect("well-formed RESULT line")
     }
 
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the child (SIGKILL) and reaps it.
     pub fn kill(mut self) {
         let _ = self.child.kill();

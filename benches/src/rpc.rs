@@ -29,8 +29,10 @@ fn limits() -> Limits {
 }
 
 /// Runs the benchmark server on `endpoint` until killed. `spin` is the
-/// loop's spin budget (0 for `rr64-sleep`).
-pub fn serve(endpoint: &str, spin: Duration) -> std::io::Result<()> {
+/// loop's spin budget (0 for `rr64-sleep`); `connections` how many
+/// connections it must hold at once (the scale sweep's idle ones included;
+/// the descriptor limit must allow them, see [`crate::scale`]).
+pub fn serve(endpoint: &str, spin: Duration, connections: usize) -> std::io::Result<()> {
     let service = ServiceBuilder::new(SERVICE, |_| Ok(()))
         .handler(cmd::ECHO, |call| {
             let payload = call.payload();
@@ -66,6 +68,11 @@ pub fn serve(endpoint: &str, spin: Duration) -> std::io::Result<()> {
     let server = Server::builder()
         .endpoint(endpoint)
         .limits(limits())
+        .max_connections(connections.max(1024))
+        .max_pending_handshakes(512)
+        // Segments are sparse (a ring's pages are touched as it is used):
+        // the budget bounds what clients may ask for, not what they use.
+        .memory_budget(1 << 40, 1 << 40)
         .spin(spin)
         .service(service)
         .build()

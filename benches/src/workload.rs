@@ -147,6 +147,29 @@ pub struct Params {
     pub count: u64,
     /// Message size, header included.
     pub size: usize,
+    /// Client processes in flight at once ([`Workload::clients`] unless
+    /// the scale sweep or `--clients` says otherwise).
+    pub clients: usize,
+    /// Idle connections held open on the server during the run (the scale
+    /// sweep; 0 otherwise).
+    pub idle: usize,
+    /// The CPU every process of the run is pinned to, if any.
+    pub cpu: Option<usize>,
+}
+
+impl Params {
+    /// `workload` with its default count (`quick` for `--quick`), size and
+    /// clients, nothing idle, unpinned.
+    pub fn new(workload: Workload, quick: bool) -> Self {
+        Self {
+            workload,
+            count: workload.default_count(quick),
+            size: workload.default_size(),
+            clients: workload.clients(),
+            idle: 0,
+            cpu: None,
+        }
+    }
 }
 
 /// Commands of the benchmark service (shared by coroipc and uds servers).

@@ -1,6 +1,8 @@
-//! `coroipc-bench`: every workload of DESIGN.md §7 on coroipc, on Unix
+//! `coroipc-bench`: every workload (benches/README.md) on coroipc, on Unix
 //! domain sockets and against the machine's floors, with server and clients
-//! in separate processes; prints one comparison table.
+//! in separate processes; prints one comparison table. `--sweep` runs the
+//! scale sweep instead (idle connections, fan-in clients; see
+//! [`coroipc_benches::scale`]).
 //!
 //! ```text
 //! coroipc-bench                      # everything, full counts
@@ -8,6 +10,8 @@
 //! coroipc-bench --workload rr64 --transport coroipc
 //! workload=rr64 transport=coroipc median_ns=… p99_ns=… ops_per_s=… gbps=…
 //! coroipc-bench --json               # machine-readable
+//! coroipc-bench --sweep --quick      # rr64 beside idle connections, fan-in 1..256
+//! coroipc-bench --one-cpu            # every process on CPU 0
 //! ```
 
 use std::time::Duration;
@@ -16,6 +20,7 @@ use clap::Parser;
 use coroipc_benches::floor::{self, Kind};
 use coroipc_benches::proc::Proc;
 use coroipc_benches::report::{table, Outcome, Sample};
+use coroipc_benches::scale::{self, Footprint};
 use coroipc_benches::workload::{Params, Transport, Workload, ALL, TRANSPORTS};
 use coroipc_benches::{rpc, uds};
 use coroipc_client::WaitPolicy;
@@ -42,6 +47,18 @@ struct Args {
     /// Message size in bytes, header included, instead of the workload's default.
     #[arg(long)]
     size: Option<usize>,
+    /// Client processes at once instead of the workload's default (fanin: 16, others: 1).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Idle connections (smallest rings, held by another process) open on the server during the run.
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// Pin every process of every run (server, clients, floors) to CPU 0.
+    #[arg(long)]
+    one_cpu: bool,
+    /// Run the scale sweep: rr64 with 0, 100, 1000, 3000 and 10000 idle connections, fanin with 1..256 clients.
+    #[arg(long)]
+    sweep: bool,
     /// Internal: the role of a child process.
     #[arg(long, hide = true)]
     role: Option<String>,
@@ -57,6 +74,9 @@ struct Args {
     /// Internal: the server's spin budget in microseconds.
     #[arg(long, hide = true)]
     spin_us: Option<u64>,
+    /// Internal: connections the server must hold at once.
+    #[arg(long, hide = true, default_value_t = 0)]
+    connections: usize,
     /// Internal: pin this child process to a CPU.
     #[arg(long, hide = true)]
     cpu: Option<usize>,
@@ -67,6 +87,9 @@ fn main() {
     if let Some(role) = args.role.clone() {
         return child(&role, &args);
     }
+    if args.sweep {
+        return sweep(&args);
+    }
     let workloads: Vec<Workload> = match &args.workload {
         Some(w) => vec![Workload::parse(w).unwrap_or_else(|| fail(&format!("unknown workload {w:?}")))],
         None => ALL.to_vec(),
@@ -75,22 +98,23 @@ fn main() {
         Some(t) => vec![Transport::parse(t).unwrap_or_else(|| fail(&format!("unknown transport {t:?}")))],
         None => TRANSPORTS.to_vec(),
     };
-    let runs: Vec<(Workload, Transport)> =
-        workloads.iter().flat_map(|&w| transports.iter().map(move |&t| (w, t))).collect();
+    let runs: Vec<(Params, Transport)> = workloads
+        .iter()
+        .flat_map(|&w| transports.iter().map(move |&t| (w, t)))
+        .map(|(w, t)| (params(&args, w), t))
+        .collect();
     let bar = ProgressBar::new(runs.len() as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}").expect("valid template"));
     let mut outcomes = Vec::new();
-    for (w, t) in runs {
-        bar.set_message(format!("{w} on {t}"));
-        let params = Params {
-            workload: w,
-            count: args.count.unwrap_or(w.default_count(args.quick)),
-            size: args.size.unwrap_or(w.default_size()),
-        };
+    for (params, t) in runs {
+        bar.set_message(format!("{} on {t}", params.workload));
         let outcome = run(params, t);
         bar.suspend(|| {
             if !args.json {
                 println!("{}", outcome.line());
+                if params.idle > 0 {
+                    eprintln!("  {}", outcome.note);
+                }
             }
         });
         outcomes.push(outcome);
@@ -105,6 +129,93 @@ fn main() {
         print!("{}", table(&outcomes));
         println!("\nratios: >1 means coroipc is better (latency: floor or uds time / coroipc time; rates: coroipc / other)");
     }
+}
+
+/// The parameters of `w` under the command line's options.
+fn params(args: &Args, w: Workload) -> Params {
+    let mut p = Params::new(w, args.quick);
+    p.count = args.count.unwrap_or(p.count);
+    p.size = args.size.unwrap_or(p.size);
+    p.clients = args.clients.unwrap_or(p.clients);
+    p.idle = args.idle;
+    p.cpu = if args.one_cpu { Some(0) } else { pinned_cpu(w) };
+    if p.idle > 0 || p.clients > 16 {
+        let want = scale::fds_for(p.idle, p.clients);
+        let got = scale::raise_fd_limit(want);
+        if got < want {
+            fail(&format!(
+                "{} idle connections and {} clients need {want} descriptors; the limit is {got}",
+                p.idle, p.clients
+            ));
+        }
+    }
+    p
+}
+
+/// The scale sweep (see [`coroipc_benches::scale`]): one line per run, then
+/// a table of how the cost grows.
+fn sweep(args: &Args) {
+    let idle_max = scale::IDLE[scale::IDLE.len() - 1];
+    let clients_max = scale::CLIENTS[scale::CLIENTS.len() - 1];
+    // As many descriptors as the hard limit allows; points that need more
+    // are skipped and say so.
+    let limit = scale::raise_fd_limit(scale::fds_for(idle_max, clients_max));
+    let mut rows: Vec<(String, usize, Outcome)> = Vec::new();
+    for idle in scale::IDLE {
+        let want = scale::fds_for(idle, 1);
+        if want > limit {
+            println!(
+                "sweep=idle n={idle} skipped: needs {want} descriptors, the limit is {limit} \
+                 (raise the hard limit: ulimit -Hn, as root with CAP_SYS_RESOURCE)"
+            );
+            continue;
+        }
+        for t in [Transport::Coroipc, Transport::Uds] {
+            let mut p = params(args, Workload::Rr64);
+            p.idle = idle;
+            let o = run(p, t);
+            println!("sweep=idle n={idle} {}", o.line());
+            rows.push(("rr64+idle".into(), idle, o));
+        }
+    }
+    for clients in scale::CLIENTS {
+        for t in [Transport::Coroipc, Transport::Uds] {
+            let mut p = params(args, Workload::Fanin);
+            p.clients = clients;
+            let o = run(p, t);
+            println!("sweep=fanin n={clients} {}", o.line());
+            rows.push(("fanin".into(), clients, o));
+        }
+    }
+    println!();
+    println!(
+        "{:<10} {:>6} {:<8} {:>10} {:>10} {:>12} {:>9}  note",
+        "sweep", "n", "transport", "median_ns", "p99_ns", "ops/s", "vs first"
+    );
+    for (name, n, o) in &rows {
+        let first = rows.iter().find(|(m, _, f)| m == name && f.transport == o.transport).map(|(_, _, f)| f);
+        let vs = first.and_then(|f| {
+            // Latency rows: how much slower than with nothing idle (>1 is
+            // slower); fan-in rows: total throughput against one client.
+            if name == "fanin" {
+                (f.ops_per_s > 0.0).then(|| o.ops_per_s / f.ops_per_s)
+            } else {
+                (f.median_ns > 0).then(|| o.median_ns as f64 / f.median_ns as f64)
+            }
+        });
+        println!(
+            "{:<10} {:>6} {:<8} {:>10} {:>10} {:>12.0} {:>9}  {}",
+            name,
+            n,
+            o.transport.name(),
+            o.median_ns,
+            o.p99_ns,
+            o.ops_per_s,
+            vs.map_or("-".into(), |v| format!("{v:.2}x")),
+            o.note
+        );
+    }
+    println!("\nvs first: rr64+idle = median / median with 0 idle (1.0 = no cost); fanin = total ops/s / ops/s of 1 client");
 }
 
 fn fail(msg: &str) -> ! {
@@ -164,7 +275,8 @@ fn run(p: Params, t: Transport) -> Outcome {
             server_spin(p.workload).as_micros().to_string(),
         ]
         .into_iter()
-        .chain(pinned_cpu(p.workload).map(|c| ["--cpu".to_string(), c.to_string()]).into_iter().flatten())
+        .chain(["--connections".to_string(), (p.idle + p.clients).to_string()])
+        .chain(p.cpu.map(|c| ["--cpu".to_string(), c.to_string()]).into_iter().flatten())
         .collect()
     };
     match t {
@@ -176,14 +288,27 @@ fn run(p: Params, t: Transport) -> Outcome {
             };
             let mut server = Proc::spawn(&common("server", &endpoint));
             server.expect_line("READY");
+            let mut note = String::new();
+            let idler = (p.idle > 0).then(|| {
+                let before = Footprint::of(server.pid());
+                let mut args = common("idle", &endpoint);
+                args.extend(["--idle".to_string(), p.idle.to_string()]);
+                let mut idler = Proc::spawn(&args);
+                idler.expect_line("READY");
+                let after = Footprint::settled(server.pid(), Duration::from_secs(10));
+                let (kib, fds) = after.per_connection(before, p.idle);
+                note = format!("{} idle: server +{kib:.1} KiB RSS, +{fds:.1} fds per connection", p.idle);
+                idler
+            });
             let clients: Vec<Proc> =
-                (0..p.workload.clients()).map(|_| Proc::spawn(&common("client", &endpoint))).collect();
+                (0..p.clients).map(|_| Proc::spawn(&common("client", &endpoint))).collect();
             let samples: Vec<Sample> = clients.into_iter().map(Proc::result).collect();
+            drop(idler);
             server.kill();
             if t == Transport::Uds {
                 let _ = std::fs::remove_file(&endpoint);
             }
-            Outcome::from_samples(p.workload, t, &samples, "")
+            Outcome::from_samples(p.workload, t, &samples, &note)
         }
         Transport::Floor => floor_outcome(p),
     }
@@ -193,11 +318,11 @@ fn floor_outcome(p: Params) -> Outcome {
     let w = p.workload;
     match w {
         Workload::Rr64 | Workload::Rr64Spin => {
-            let s = floor::ping_pong(Kind::Spin, p.count, None);
+            let s = floor::ping_pong(Kind::Spin, p.count, p.cpu);
             Outcome::from_samples(w, Transport::Floor, &[s], "cache-line ping-pong")
         }
         Workload::Rr64Sleep => {
-            let cpu = pinned_cpu(w);
+            let cpu = p.cpu;
             let futex = floor::ping_pong(Kind::Futex, p.count, cpu);
             let pipe = floor::ping_pong(Kind::Pipe, p.count, cpu);
             let note = format!(
@@ -226,7 +351,7 @@ fn child(role: &str, args: &Args) {
         "server" => {
             let spin = Duration::from_micros(args.spin_us.unwrap_or(50));
             let result = match transport {
-                Some(Transport::Coroipc) => rpc::serve(&endpoint, spin),
+                Some(Transport::Coroipc) => rpc::serve(&endpoint, spin, args.connections + 16),
                 Some(Transport::Uds) => uds::serve(&endpoint),
                 _ => fail("server needs --transport coroipc|uds"),
             };
@@ -236,17 +361,29 @@ fn child(role: &str, args: &Args) {
         }
         "client" => {
             let w = workload.unwrap_or_else(|| fail("client needs --workload"));
-            let p = Params {
-                workload: w,
-                count: args.count.unwrap_or(w.default_count(false)),
-                size: args.size.unwrap_or(w.default_size()),
-            };
+            let mut p = Params::new(w, false);
+            p.count = args.count.unwrap_or(p.count);
+            p.size = args.size.unwrap_or(p.size);
             let sample = match transport {
                 Some(Transport::Coroipc) => rpc::client(&endpoint, p, client_policy(w)),
                 Some(Transport::Uds) => uds::client(&endpoint, p),
                 _ => fail("client needs --transport coroipc|uds"),
             };
             println!("{}", sample.to_line());
+        }
+        "idle" => {
+            let n = args.idle;
+            // Both kinds are kept (not just counted) until the process dies.
+            let (coroipc, uds) = match transport {
+                Some(Transport::Coroipc) => (scale::idle_coroipc(&endpoint, n), Vec::new()),
+                Some(Transport::Uds) => (Vec::new(), scale::idle_uds(&endpoint, n)),
+                _ => fail("idle needs --transport coroipc|uds"),
+            };
+            println!("READY {}", coroipc.len() + uds.len());
+            // Hold them until the parent kills this process.
+            loop {
+                std::thread::park();
+            }
         }
         "floor-peer" => {
             let kind = args.floor_kind.as_deref().and_then(Kind::parse).unwrap_or_else(|| fail("floor kind"));
