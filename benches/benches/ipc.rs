@@ -1,5 +1,5 @@
-//! Cross-process criterion benches: `rr64`, `ev64` and `rr1m` (DESIGN.md
-//! §7) over coroipc and over Unix domain sockets, the server in a child
+//! Cross-process criterion benches: `rr64`, `ev64` and `rr1m` (the
+//! workloads of `benches/README.md`) over coroipc and over Unix domain sockets, the server in a child
 //! process (this bench binary re-executed with `--role server`), so
 //! regressions show in criterion's reports.
 //!

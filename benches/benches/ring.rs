@@ -298,7 +298,7 @@ fn small_records(c: &mut Criterion) {
 }
 
 /// 64-byte records *including* our 8-byte header (56-byte payload), the way
-/// DESIGN.md §7 counts message sizes: one record per cache line.
+/// The workloads count message sizes whole (benches/README.md): one record per cache line.
 fn small_records_with_header(c: &mut Criterion) {
     let mut g = c.benchmark_group("ring_64B_record");
     g.throughput(Throughput::Bytes(64));

@@ -1,4 +1,4 @@
-//! Wake-path benches (issue 3, DESIGN.md §5 and §7): round trips between
+//! Wake-path benches: round trips between
 //! **two processes**, for the kernel floors and for our connection path.
 //! Scenarios and figures: `benches/README.md`, section "Wake path".
 //!

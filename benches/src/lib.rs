@@ -1,6 +1,6 @@
 //! # coroipc-benches
 //!
-//! The workloads of DESIGN.md §7, runnable against three transports —
+//! The workloads of `benches/README.md`, runnable against three transports —
 //! `coroipc` (this project), `uds` (the same protocol over Unix domain
 //! sockets, written the way a user would) and `floor` (the physical limits
 //! of the machine: cache-line, futex and pipe ping-pong, memcpy bandwidth) —

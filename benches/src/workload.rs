@@ -1,8 +1,8 @@
-//! The workloads (DESIGN.md §7) and their parameters.
+//! The workloads (benches/README.md) and their parameters.
 
 use std::fmt;
 
-/// One workload of DESIGN.md §7.
+/// One workload (benches/README.md, "The workloads").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Workload {
     /// Request 64 B, response 64 B, one in flight, the library's default waiting.
