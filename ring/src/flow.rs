@@ -16,8 +16,13 @@
 //! handshake (sync point FLOW): the producer stores `On`, issues
 //! `fence(SeqCst)`, re-reads `head`, and withdraws if the ring drained; the
 //! consumer stores `head`, issues `fence(SeqCst)`, and reads the state. The
-//! two fences guarantee at least one side sees the other's store. Modelled in
-//! `coroipc-verification` (`loom_flow`).
+//! two fences guarantee at least one side sees the other's store. This is
+//! the store-fence-load pattern of Dekker's mutual-exclusion algorithm (each
+//! side writes its own flag, then reads the other's), used here not to
+//! exclude but to make sure one side notices the other; the withdrawal
+//! (a CAS back to `Off`) keeps every transition reported exactly once.
+//! Modelled in `coroipc-verification` (`loom_flow`, including a wrap over
+//! padding).
 
 /// Fill levels in bytes that switch flow control on (`high`) and off (`low`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

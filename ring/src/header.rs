@@ -363,12 +363,14 @@ impl RingRef {
         })
     }
 
-    /// The shared header. All fields are atomics.
+    /// The region the ring lives in (kept alive by this value).
     #[inline]
     pub(crate) fn region(&self) -> &Arc<dyn Region> {
         &self.region
     }
 
+    /// The shared header. All fields are atomics.
+    #[inline]
     pub(crate) fn header(&self) -> &RingHeader {
         // SAFETY: validated in `attach`; kept alive by `region`; atomics only.
         unsafe { self.header.as_ref() }

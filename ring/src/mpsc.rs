@@ -16,6 +16,14 @@
 //!   cache) live in private memory: the consumer's process cannot make the
 //!   producers spin or overwrite unconsumed data by scribbling on them. The
 //!   shared header is only written (`tail`) or read and validated (`head`).
+//!
+//! **Provenance.** This is the claim/publish design of the LMAX Disruptor's
+//! multi-producer sequencer (claim a range with a CAS on a cursor, fill it,
+//! publish), applied to variable-length records: where the Disruptor publishes each slot in an
+//! availability buffer and lets the consumer scan it, here producers hand
+//! publication on in claim order (`published`, sync point TURN) so that the
+//! consumer sees one shared `tail`, exactly as with SPSC, and the consumer's
+//! process never sees or writes the producers' coordination words.
 
 use std::io::IoSlice;
 use std::sync::Arc;

@@ -1,6 +1,11 @@
 //! Memory regions a ring lives in, and the raw accessors for its data area.
 //!
-//! This file and `header.rs` hold all of the crate's `unsafe`. A [`Region`] is
+//! This file holds the raw accessors of the data area; the other `unsafe`
+//! of the crate is the header pointer (`header.rs`), the zero-copy slices
+//! (`ReadGrant::as_slice`, `WriteGrant::as_mut_slice`, whose callers take on
+//! the stability question), the wait handle's `Send`/`Sync` (`wait.rs`) and
+//! test-only scribbling helpers; every block carries a `SAFETY` comment
+//! (enforced by `clippy::undocumented_unsafe_blocks`). A [`Region`] is
 //! a span of bytes the ring may read and write for as long as the region value
 //! lives: a [`HeapRegion`] for tests, Miri and loom, a shared mapping in
 //! production (implemented in `coroipc-transport`). Another process may write

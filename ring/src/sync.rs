@@ -3,8 +3,11 @@
 //! Under `--cfg coroipc_loom` every primitive is loom's, so the models in
 //! `coroipc-verification` explore all interleavings and weak-memory outcomes
 //! of the very code that runs in production; otherwise they are `core`'s.
-//! No other module names `core::sync::atomic` or `loom` directly
-//! (the pattern of crossbeam's `primitive` module and tokio's `src/loom`).
+//! The ring's own code names `core::sync::atomic` or `loom` nowhere else
+//! (the pattern of crossbeam's `primitive` module and tokio's `src/loom`);
+//! the exceptions are the public `atomic` re-export in `lib.rs` (so that
+//! region backends and the models name the same types) and the loom-only
+//! data cells of `HeapRegion` in `region.rs`.
 
 #[cfg(not(coroipc_loom))]
 pub(crate) use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};

@@ -28,6 +28,18 @@
 //! words: a bogus `waiters` only costs extra wake calls, a bogus `epoch` only
 //! spurious returns; a waiter never trusts a wake-up, it re-checks.
 //! Modelled in `coroipc-verification` (`loom_wait`).
+//!
+//! **Provenance.** This is an *eventcount* (Reed and Kanodia, "Synchronization
+//! with eventcounts and sequencers", CACM 1979; the futex form is the one
+//! Dmitry Vyukov describes for his lock-free queues and folly's
+//! `EventCount` implements): `epoch` is the count, "read `e`, re-check,
+//! sleep while `epoch == e`" is its prepare/commit wait. The differences:
+//! the waiter count sits in the shared line so that a notifier with nobody
+//! to wake skips the bump and the syscall entirely (folly packs waiters and
+//! epoch into one 64-bit word; here they are two words because the futex
+//! word is 32 bits and the peer may scribble either one), and a waiter never
+//! relies on a wake-up (it re-checks, and the transport's sleeps are sliced),
+//! because the other side may be hostile.
 
 use std::ptr::NonNull;
 use std::sync::Arc;
