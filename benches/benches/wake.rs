@@ -23,6 +23,7 @@
 //!   separated names): `COROIPC_WAKE_SCENARIOS`, `COROIPC_WAKE_PLACEMENTS`
 //!   (`unpinned`, `unp+busy1`, `same-cpu`, `split-cpus`).
 
+use coroipc_benches::proc::unpin;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
@@ -40,7 +41,6 @@ use criterion::{Criterion, Throughput};
 use hdrhistogram::Histogram;
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::pipe::{pipe_with, PipeFlags};
-use rustix::thread::{sched_setaffinity, CpuSet};
 
 /// Names the scenario a child process serves.
 const CHILD_ENV: &str = "COROIPC_WAKE_CHILD";
@@ -469,17 +469,7 @@ fn serve(stream: Stream, policy: WaitPolicy) {
 }
 
 fn pin(cpu: usize) {
-    let mut set = CpuSet::new();
-    set.set(cpu);
-    sched_setaffinity(None, &set).expect("sched_setaffinity");
-}
-
-fn unpin() {
-    let mut set = CpuSet::new();
-    for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()).max(64) {
-        set.set(cpu);
-    }
-    let _ = sched_setaffinity(None, &set);
+    let _ = coroipc_benches::proc::pin(cpu);
 }
 
 // ---------------------------------------------------------------------------

@@ -88,6 +88,15 @@ pub fn pin(cpu: usize) -> Option<rustix::thread::CpuSet> {
     old
 }
 
+/// Lets the calling thread run on every CPU again.
+pub fn unpin() {
+    let mut set = rustix::thread::CpuSet::new();
+    for cpu in 0..std::thread::available_parallelism().map_or(1, |n| n.get()).max(64) {
+        set.set(cpu);
+    }
+    let _ = rustix::thread::sched_setaffinity(None, &set);
+}
+
 /// Restores an affinity saved by [`pin`].
 pub fn restore(old: Option<rustix::thread::CpuSet>) {
     if let Some(set) = old {
