@@ -69,6 +69,8 @@ mod wait;
 
 #[doc(hidden)]
 pub mod fuzz;
+#[doc(hidden)]
+pub mod model;
 
 pub use consumer::{Consumer, ReadGrant};
 pub use error::{Corruption, PopError, PushError, RingAttachError, RingInitError};
