@@ -86,10 +86,22 @@ pub fn raise_fd_limit(want: u64) -> u64 {
     getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
 }
 
-/// Descriptors needed for `idle` connections plus `clients` active ones on
-/// either side, with room to spare.
+/// Most idle connections one holder process opens (a client connection
+/// holds up to 8 descriptors: socket, segment, eventfds, its poll set).
+pub const IDLE_PER_PROCESS: usize = 1_500;
+
+/// How `idle` connections are split over holder processes.
+pub fn shares(idle: usize) -> Vec<usize> {
+    let n = idle.div_ceil(IDLE_PER_PROCESS);
+    (0..n).map(|i| IDLE_PER_PROCESS.min(idle - i * IDLE_PER_PROCESS)).collect()
+}
+
+/// Descriptors the server needs for `idle` connections plus `clients`
+/// active ones (five per connection, see `ServerBuilder::max_connections`),
+/// with room to spare; a holder process needs at most
+/// `fds_for(IDLE_PER_PROCESS, 0)` with eight per connection, which is less.
 pub fn fds_for(idle: usize, clients: usize) -> u64 {
-    ((idle + clients) as u64) * 6 + 1024
+    (((idle + clients) as u64) * 5 + 1024).max(IDLE_PER_PROCESS as u64 * 8 + 1024)
 }
 
 /// A process's resident set and open descriptors, from `/proc`.
@@ -159,5 +171,14 @@ mod tests {
         let (_, fds) = after.per_connection(before, files.len());
         assert!(fds > 0.5, "ten more descriptors open: {fds} per file");
         assert_eq!(after.per_connection(before, 0), (0.0, 0.0));
+    }
+
+    #[test]
+    fn idle_connections_are_split_into_full_shares_and_a_rest() {
+        assert_eq!(shares(0), Vec::<usize>::new());
+        assert_eq!(shares(100), vec![100]);
+        assert_eq!(shares(3_000), vec![1_500, 1_500]);
+        assert_eq!(shares(3_001), vec![1_500, 1_500, 1]);
+        assert_eq!(shares(10_000).iter().sum::<usize>(), 10_000);
     }
 }

@@ -289,21 +289,31 @@ fn run(p: Params, t: Transport) -> Outcome {
             let mut server = Proc::spawn(&common("server", &endpoint));
             server.expect_line("READY");
             let mut note = String::new();
-            let idler = (p.idle > 0).then(|| {
+            let idlers: Vec<Proc> = if p.idle > 0 {
                 let before = Footprint::of(server.pid());
-                let mut args = common("idle", &endpoint);
-                args.extend(["--idle".to_string(), p.idle.to_string()]);
-                let mut idler = Proc::spawn(&args);
-                idler.expect_line("READY");
+                // Several holders, so that no client process runs out of
+                // descriptors before the server does.
+                let idlers: Vec<Proc> = scale::shares(p.idle)
+                    .into_iter()
+                    .map(|n| {
+                        let mut args = common("idle", &endpoint);
+                        args.extend(["--idle".to_string(), n.to_string()]);
+                        let mut idler = Proc::spawn(&args);
+                        idler.expect_line("READY");
+                        idler
+                    })
+                    .collect();
                 let after = Footprint::settled(server.pid(), Duration::from_secs(10));
                 let (kib, fds) = after.per_connection(before, p.idle);
                 note = format!("{} idle: server +{kib:.1} KiB RSS, +{fds:.1} fds per connection", p.idle);
-                idler
-            });
+                idlers
+            } else {
+                Vec::new()
+            };
             let clients: Vec<Proc> =
                 (0..p.clients).map(|_| Proc::spawn(&common("client", &endpoint))).collect();
             let samples: Vec<Sample> = clients.into_iter().map(Proc::result).collect();
-            drop(idler);
+            drop(idlers);
             server.kill();
             if t == Transport::Uds {
                 let _ = std::fs::remove_file(&endpoint);
