@@ -132,3 +132,7 @@ pub use poll::{EpollPoller, Poller, Token};
 pub use server::{AuthFn, Server, ServerBuilder, ServerHandle, LISTENER_TOKEN, WAKER_TOKEN};
 pub use service::{Admission, Call, Disconnect, Handler, Request, Responder, ServiceBuilder};
 pub use stats::Stats;
+
+/// Typed commands (cargo feature `typed`): see [`ServiceBuilder::typed`].
+#[cfg(feature = "typed")]
+pub use coroipc_transport::typed;

@@ -409,6 +409,73 @@ impl<S: Send + 'static, C: Send + Sync + 'static> ServiceBuilder<S, C> {
         })
     }
 
+    /// Registers the handler of the typed command `K` (cargo feature
+    /// `typed`): the request is decoded into `K::Request` before `f` runs
+    /// (bytes that do not decode are answered [`Status::Invalid`] and `f`
+    /// never sees them), `Ok(response)` is encoded and sent, `Err(e)`
+    /// answers the status `e.into()` with no payload. The client calls it
+    /// with `Client::call_typed::<K>`; raw handlers and typed ones can share
+    /// a service.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroipc_server::typed::Command;
+    /// use coroipc_server::{ServiceBuilder, Status};
+    ///
+    /// /// Adds to the connection's counter; answers the new value.
+    /// struct Add;
+    /// impl Command for Add {
+    ///     const ID: u16 = 1;
+    ///     type Request = u64;
+    ///     type Response = u64;
+    /// }
+    ///
+    /// let service = ServiceBuilder::new(2, |_| Ok(0u64)).typed::<Add, Status>(|call, n| {
+    ///     let total = call.state().checked_add(n).ok_or(Status::Service(1001))?;
+    ///     *call.state() = total;
+    ///     Ok(total)
+    /// });
+    /// # let _ = service;
+    /// ```
+    #[cfg(feature = "typed")]
+    pub fn typed<K, E>(
+        self,
+        f: impl Fn(&mut Call<'_, S, C>, K::Request) -> Result<K::Response, E> + Send + Sync + 'static,
+    ) -> Self
+    where
+        K: coroipc_transport::typed::Command + 'static,
+        E: Into<Status>,
+    {
+        use coroipc_transport::typed::{decode, encode};
+        self.handler(K::ID, move |mut call| {
+            let request = match decode::<K::Request>(call.payload()) {
+                Ok(request) => request,
+                Err(e) => {
+                    log::debug!("connection {}: command {}: {e}", call.connection().id(), K::ID);
+                    let _ = call.respond_status(Status::Invalid);
+                    return;
+                }
+            };
+            match f(&mut call, request).map(|response| encode(&response)) {
+                Ok(Ok(bytes)) => {
+                    let _ = call.respond(&bytes);
+                }
+                Ok(Err(e)) => {
+                    log::warn!(
+                        "connection {}: command {}: the response does not encode: {e}",
+                        call.connection().id(),
+                        K::ID
+                    );
+                    let _ = call.respond_status(Status::Invalid);
+                }
+                Err(e) => {
+                    let _ = call.respond_status(e.into());
+                }
+            }
+        })
+    }
+
     /// Replaces the table lookup with a user-defined selector (coroipc's
     /// handler selector): returns the handler for a command id, or `None`
     /// ("invalid" is answered).

@@ -70,6 +70,8 @@ pub mod message;
 mod peercred;
 pub mod segment;
 pub mod socket;
+#[cfg(feature = "typed")]
+pub mod typed;
 pub mod waiter;
 
 #[doc(hidden)]
