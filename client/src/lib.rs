@@ -33,6 +33,8 @@ mod client;
 mod error;
 #[cfg(feature = "tokio")]
 pub mod tokio;
+#[cfg(feature = "typed")]
+pub mod typed;
 
 pub use client::{
     Client, ClientBuilder, DispatchGuard, DispatchInfo, PendingClient, ResponseGuard, Sizes, Ticket,
