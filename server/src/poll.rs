@@ -6,9 +6,13 @@
 //! token of every descriptor that became readable, and
 //! [`Server::tick`](crate::Server::tick) every few tens of milliseconds
 //! (timeouts, retried disconnect callbacks). Interest is always
-//! "readable", level-triggered: it fits `poll(2)`, `epoll`, `mio` and the
-//! like. [`EpollPoller`] is the built-in implementation behind
-//! [`Server::run`](crate::Server::run).
+//! "readable". It is level-triggered ([`Poller::register`]), which fits
+//! `poll(2)`, `epoll`, `mio` and the like, except for the per-connection
+//! request eventfds, which the server offers edge-triggered
+//! ([`Poller::register_edge`]: a loop that supports it saves one `read` per
+//! wake-up; the default falls back to level-triggered and the server then
+//! drains them). [`EpollPoller`] is the built-in implementation behind
+//! [`Server::run`](crate::Server::run), and supports both.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -61,7 +65,8 @@ pub trait Poller {
     fn deregister(&mut self, fd: BorrowedFd<'_>) -> io::Result<()>;
 }
 
-/// The built-in poller: level-triggered epoll.
+/// The built-in poller: epoll, level-triggered except where the server
+/// asks for edge-triggered interest ([`Poller::register_edge`]).
 pub struct EpollPoller {
     epoll: OwnedFd,
     events: Vec<epoll::Event>,

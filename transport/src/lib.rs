@@ -6,7 +6,7 @@
 //! the coroipc semantics (`coroipc-server`, `coroipc-client`, layer 3: no
 //! `unsafe`). Linux only.
 //!
-//! What it holds today, one concept per module:
+//! One concept per module:
 //!
 //! - [`segment`]: sealed memfd segments (`F_SEAL_SHRINK | F_SEAL_GROW |
 //!   F_SEAL_SEAL`), created by the server and checked by the receiver
@@ -15,7 +15,13 @@
 //! - [`futex`]: shared (cross-process) futex wait/wake on a 32-bit word in
 //!   a segment.
 //! - [`eventfd`]: a nonblocking eventfd, the pollable wake-up handed to the
-//!   application's event loop.
+//!   application's event loop (reads and writes never block, even if the
+//!   peer clears `O_NONBLOCK` on the shared file description).
+//! - [`bell`]: one direction's wake-up: the ring's wait protocol
+//!   ([`coroipc_ring::Notify`]) over a futex word and an eventfd, waking
+//!   each sleeper where it sleeps.
+//! - [`waiter`]: adaptive waiting (spin for a budget, then sleep on the
+//!   futex or in `poll(2)`), noticing a dead peer while asleep.
 //! - [`socket`]: Unix stream socket endpoints (path or abstract), a
 //!   nonblocking listener that replaces only stale socket files, descriptor
 //!   passing with `SCM_RIGHTS` (close-on-exec, truncation is an error), and
@@ -23,17 +29,22 @@
 //! - [`handshake`]: the versioned, fixed-layout hello/reply codec; its
 //!   decoders are total (every byte string decodes or yields a typed error)
 //!   and validate the segment layout a server announces.
+//! - [`control`]: the connection's control block in the segment (each
+//!   side's state word, the disconnect reason, the dispatch-queued flag).
+//! - [`message`]: the 16-byte message header and the response statuses.
+//! - [`channel`]: the connection layer on top: the server's nonblocking
+//!   handshake and [`channel::ServerChannel`], the client's connect and
+//!   [`channel::ClientChannel`] — the three rings placed in one segment,
+//!   woken through bells, flow control, peer-death detection.
+//! - `typed` (cargo feature `typed`): typed commands, serde over postcard.
 //!
 //! What a hostile peer can and cannot do here: it can send any bytes and any
-//! descriptors; the handshake decoders, [`segment::Segment::from_fd`],
+//! descriptors, and write any word of the shared segment at any moment; the
+//! handshake decoders, [`segment::Segment::from_fd`],
 //! [`eventfd::EventFd::from_fd`] and [`socket::recv_with_fds`] turn every
 //! malformed input into an error, never a panic, an unbounded allocation, a
-//! blocking read or an out-of-bounds mapping.
-//!
-//! Not built yet: the ring wiring (placing `coroipc-ring` rings in a segment
-//! according to a [`handshake::SegmentLayout`], and driving the ring's
-//! wait protocol with [`futex`] and [`eventfd`]), the connection layer on top
-//! (handshake over the socket, peer-death detection), and flow control.
+//! blocking read or an out-of-bounds mapping, and the channels turn every
+//! corrupt ring or control word into a typed error for that connection.
 //!
 //! # Example
 //!
