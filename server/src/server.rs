@@ -335,14 +335,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Whether the loop can serve a request of `conn` now: one is waiting,
-/// requests are not paused, and its response would fit (see `serve`). A
-/// connection with requests it cannot serve yet (its client does not read
-/// its responses, or its service is paused) must not count as ready: the
-/// built-in loop would poll it without ever reaching `epoll_wait`, spinning
-/// a core and starving accepts and every armed connection (found by
-/// `reliability_hostile::clients_flooding_requests_and_never_reading_cannot_block_the_server_or_grow_it`).
-/// `tick` retries such connections; a resume wakes the loop.
 /// Hashes a `u64` id to itself. Ids are assigned by the server in
 /// sequence, never by a peer, so there is nothing to defend against.
 #[derive(Default)]
@@ -362,6 +354,14 @@ impl Hasher for IdHasher {
     }
 }
 
+/// Whether the loop can serve a request of `conn` now: one is waiting,
+/// requests are not paused, and its response would fit (see `serve`). A
+/// connection with requests it cannot serve yet (its client does not read
+/// its responses, or its service is paused) must not count as ready: the
+/// built-in loop would poll it without ever reaching `epoll_wait`, spinning
+/// a core and starving accepts and every armed connection (found by
+/// `reliability_hostile::clients_flooding_requests_and_never_reading_cannot_block_the_server_or_grow_it`).
+/// `tick` retries such connections; a resume wakes the loop.
 fn servable(conn: &Connection) -> bool {
     let c = &conn.inner.channel;
     c.has_request() && !c.request_paused() && c.response_space_for(c.max_message())
