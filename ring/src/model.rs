@@ -406,29 +406,25 @@ impl RealRing {
 
     fn write(&mut self, len: usize, seed: u8, commit: bool, copying: bool) -> Outcome {
         let bytes = payload_bytes(len, seed);
+        // The two grant types share their API but no trait.
+        macro_rules! fill_grant {
+            ($grant:expr) => {{
+                let mut grant = $grant;
+                assert_eq!(grant.len(), len, "a grant has the reserved length");
+                if commit {
+                    grant.write_at(0, &bytes);
+                    Outcome::Written(grant.commit())
+                } else {
+                    grant.write_at(0, &bytes[..len / 2]);
+                    Outcome::Dropped
+                }
+            }};
+        }
         let result = match (&mut self.tx, copying) {
             (Tx::Spsc(tx), true) => tx.try_push(&bytes).map(Outcome::Written),
             (Tx::Mpsc(tx), true) => tx.try_push(&bytes).map(Outcome::Written),
-            (Tx::Spsc(tx), false) => tx.try_reserve(len).map(|mut grant| {
-                assert_eq!(grant.len(), len, "a grant has the reserved length");
-                if commit {
-                    grant.write_at(0, &bytes);
-                    Outcome::Written(grant.commit())
-                } else {
-                    grant.write_at(0, &bytes[..len / 2]);
-                    Outcome::Dropped
-                }
-            }),
-            (Tx::Mpsc(tx), false) => tx.try_reserve(len).map(|mut grant| {
-                assert_eq!(grant.len(), len, "a grant has the reserved length");
-                if commit {
-                    grant.write_at(0, &bytes);
-                    Outcome::Written(grant.commit())
-                } else {
-                    grant.write_at(0, &bytes[..len / 2]);
-                    Outcome::Dropped
-                }
-            }),
+            (Tx::Spsc(tx), false) => tx.try_reserve(len).map(|grant| fill_grant!(grant)),
+            (Tx::Mpsc(tx), false) => tx.try_reserve(len).map(|grant| fill_grant!(grant)),
         };
         match result {
             Ok(outcome) => outcome,

@@ -33,6 +33,41 @@ fn count(changes: &[FlowChange], which: FlowChange) -> i64 {
     changes.iter().filter(|&&c| c == which).count() as i64
 }
 
+/// The checks once both sides are quiescent (invariants 1 and 2 above):
+/// both sides see the same state, `On` implies `fill > low`, and the
+/// transitions reported by commits (`raised`) and releases (`cleared`) pair
+/// up with the state. Returns all of them, for [`assert_drained`].
+fn assert_quiescent(
+    tx: &BlockingProducer,
+    rx: &BlockingConsumer,
+    fill: u64,
+    w: Watermarks,
+    raised: &[FlowChange],
+    cleared: &[FlowChange],
+) -> Vec<FlowChange> {
+    let on = rx.rx.flow_state() == FlowState::On;
+    assert_eq!(tx.tx.flow_state(), rx.rx.flow_state(), "both sides read the same shared state");
+    assert!(!on || fill > w.low, "flow state On implies fill > low (fill {fill})");
+    let all: Vec<_> = raised.iter().chain(cleared).copied().collect();
+    assert_eq!(
+        count(&all, FlowChange::Raised) - count(&all, FlowChange::Cleared),
+        i64::from(on),
+        "reported Raised/Cleared transitions must pair up with the final state"
+    );
+    all
+}
+
+/// The checks once the consumer drained the ring: flow control is off and
+/// every `Raised` was matched by exactly one reported `Cleared`.
+fn assert_drained(rx: &BlockingConsumer, changes: &[FlowChange]) {
+    assert_eq!(rx.rx.flow_state(), FlowState::Off, "a drained ring has flow control off");
+    assert_eq!(
+        count(changes, FlowChange::Raised),
+        count(changes, FlowChange::Cleared),
+        "every Raised is matched by exactly one Cleared once drained"
+    );
+}
+
 #[test]
 fn watermark_hysteresis_holds_under_concurrent_push_and_pop() {
     const W: Watermarks = Watermarks { high: 48, low: 16 };
@@ -69,27 +104,14 @@ fn watermark_hysteresis_holds_under_concurrent_push_and_pop() {
         );
 
         let fill = (raised.len() as u64 - POPS) * RECORD;
-        let on = rx.rx.flow_state() == FlowState::On;
-        assert_eq!(tx.tx.flow_state(), rx.rx.flow_state(), "both sides read the same shared state");
-        assert!(!on || fill > W.low, "flow state On implies fill > low (fill {fill})");
-        let all: Vec<_> = raised.iter().chain(&cleared).copied().collect();
-        assert_eq!(
-            count(&all, FlowChange::Raised) - count(&all, FlowChange::Cleared),
-            i64::from(on),
-            "reported Raised/Cleared transitions must pair up with the final state"
-        );
+        let all = assert_quiescent(&tx, &rx, fill, W, &raised, &cleared);
 
         // Drain: the last release at or below `low` clears, exactly once.
         let mut drained = all;
         while let Some((_, change)) = rx.try_pop() {
             drained.push(change);
         }
-        assert_eq!(rx.rx.flow_state(), FlowState::Off, "a drained ring has flow control off");
-        assert_eq!(
-            count(&drained, FlowChange::Raised),
-            count(&drained, FlowChange::Cleared),
-            "every Raised is matched by exactly one Cleared once drained"
-        );
+        assert_drained(&rx, &drained);
     });
 }
 
@@ -160,26 +182,13 @@ fn flow_control_holds_across_a_padding_skip() {
         // not the consumer has skipped the padding yet (it skips it only
         // when it peeks the third record, which it has not).
         let fill = 3 * RECORD + 16 - POPS * RECORD;
-        let on = rx.rx.flow_state() == FlowState::On;
-        assert_eq!(tx.tx.flow_state(), rx.rx.flow_state(), "both sides read the same shared state");
-        assert!(!on || fill > W.low, "flow state On implies fill > low (fill {fill})");
-        let all: Vec<_> = raised.iter().chain(&cleared).copied().collect();
-        assert_eq!(
-            count(&all, FlowChange::Raised) - count(&all, FlowChange::Cleared),
-            i64::from(on),
-            "reported Raised/Cleared transitions must pair up with the final state"
-        );
+        let all = assert_quiescent(&tx, &rx, fill, W, &raised, &cleared);
 
         let mut drained = all;
         let (bytes, change) = rx.try_pop().expect("the third record is published");
         assert_eq!(decode(&bytes), (0, 2), "the record after the padding");
         drained.push(change);
         assert!(rx.try_pop().is_none(), "three records, no more");
-        assert_eq!(rx.rx.flow_state(), FlowState::Off, "a drained ring has flow control off");
-        assert_eq!(
-            count(&drained, FlowChange::Raised),
-            count(&drained, FlowChange::Cleared),
-            "every Raised is matched by exactly one Cleared once drained, the padding skip's included"
-        );
+        assert_drained(&rx, &drained); // the padding skip's Cleared included
     });
 }
