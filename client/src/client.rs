@@ -94,7 +94,9 @@ impl ClientBuilder {
     /// Starts connecting without blocking, for event loops: poll
     /// [`PendingClient`]'s fd for readability, call
     /// [`PendingClient::poll`] until it says `true`, then
-    /// [`PendingClient::finish`].
+    /// [`PendingClient::finish`]. Never blocks: a server whose accept
+    /// backlog is full is retried by [`PendingClient::poll`] until the
+    /// [`timeout`](Self::timeout), which then reports `Timeout`.
     ///
     /// # Errors
     ///
@@ -156,7 +158,9 @@ impl PendingClient {
 }
 
 impl AsFd for PendingClient {
-    /// The socket: readable when the server's answer arrives.
+    /// Readable when [`PendingClient::poll`] has something to do: the
+    /// server's answer arrived, a retry of a connect to a full backlog is
+    /// due, or the timeout passed. The same descriptor until `finish`.
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.pending.fd()
     }

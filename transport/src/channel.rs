@@ -41,7 +41,7 @@ use coroipc_ring::{
     Watermarks,
 };
 
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
 
 use crate::bell::Bell;
 use crate::control::{Control, DisconnectReason, Side, CONTROL_LEN};
@@ -757,32 +757,117 @@ impl From<io::Error> for ConnectError {
 
 /// A client handshake in progress, for event loops: nothing in it blocks.
 /// Poll [`fd`](Self::fd) for readability and call [`poll`](Self::poll)
-/// until it returns the connection (coroipc had no such thing; a
-/// non-blocking connect lets a single-threaded application connect without
-/// stalling its loop).
+/// until it returns `true`, then [`finish`](Self::finish) (coroipc had no
+/// such thing; a non-blocking connect lets a single-threaded application
+/// connect without stalling its loop).
+///
+/// Connection life cycle (each step happens inside [`poll`](Self::poll),
+/// none waits):
+///
+/// | state | `fd` is readable when | next |
+/// |---|---|---|
+/// | connecting: the server's accept backlog was full | the retry timer fires (1 ms, doubling to 64 ms, never past the deadline) | connected once `connect(2)` succeeds; `Timeout` at the deadline |
+/// | connected, hello sent, reply incomplete | reply bytes or a hang-up arrive | reply complete (`poll` returns `true`); `Timeout` at the deadline |
 #[derive(Debug)]
 pub struct PendingConnect {
     stream: Stream,
+    /// `Some` while `connect(2)` has not succeeded (full backlog).
+    connecting: Option<Connecting>,
+    /// The retry timer and the epoll set behind [`fd`](Self::fd), made the
+    /// first time the backlog is full (an immediate connect needs neither).
+    retry: Option<Retry>,
     reply: [u8; REPLY_LEN],
     got: usize,
     fds: Vec<OwnedFd>,
     deadline: Instant,
 }
 
+/// A connect waiting for room in the server's backlog.
+#[derive(Debug)]
+struct Connecting {
+    endpoint: Endpoint,
+    hello: [u8; HELLO_LEN],
+    backoff: Duration,
+}
+
+/// What [`PendingConnect::fd`] stands for after a full backlog: an epoll
+/// set holding the retry timer, and the socket once connected, so that the
+/// descriptor an event loop registered stays the same across states.
+#[derive(Debug)]
+struct Retry {
+    epoll: OwnedFd,
+    timer: OwnedFd,
+}
+
+/// The first and the longest pause between connect attempts to a full
+/// backlog.
+const RETRY_FIRST: Duration = Duration::from_millis(1);
+const RETRY_MAX: Duration = Duration::from_millis(64);
+
+impl Retry {
+    fn new() -> io::Result<Self> {
+        use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let timer =
+            timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK)?;
+        epoll::add(&epoll, &timer, epoll::EventData::new_u64(0), epoll::EventFlags::IN)?;
+        Ok(Self { epoll, timer })
+    }
+
+    /// Makes the timer fire once, `after` from now.
+    fn arm(&self, after: Duration) -> io::Result<()> {
+        use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags};
+        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+        // A zero `it_value` would disarm the timer: fire after 1 ns at least.
+        let after = after.max(Duration::from_nanos(1));
+        let value = Timespec { tv_sec: after.as_secs() as i64, tv_nsec: after.subsec_nanos().into() };
+        timerfd_settime(
+            &self.timer,
+            TimerfdTimerFlags::empty(),
+            &Itimerspec { it_interval: zero, it_value: value },
+        )?;
+        Ok(())
+    }
+
+    /// Consumes a pending expiry (the timer stays readable until read).
+    fn drain(&self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.timer, &mut buf);
+    }
+}
+
 impl PendingConnect {
-    /// Connects to `endpoint` and sends the hello without waiting for the
-    /// answer (a Unix socket connect completes at once unless the server's
-    /// backlog is full).
+    /// Starts connecting to `endpoint` and, once connected, sends the hello;
+    /// never waits, not even for a full accept backlog (the attempt is then
+    /// retried by [`poll`](Self::poll) until the deadline).
     ///
     /// # Errors
     ///
-    /// `Io` if nobody listens (or the backlog is full: `WouldBlock`).
+    /// `Io` if nobody listens (`ECONNREFUSED`, `ENOENT`, `EACCES`, …) or a
+    /// descriptor cannot be made.
     pub fn connect(
         endpoint: &Endpoint,
         hello: &ClientHello,
         timeout: Duration,
     ) -> Result<Self, ConnectError> {
-        Self::start(Stream::connect(endpoint)?, hello, timeout)
+        let deadline = Instant::now() + timeout;
+        let (stream, connected) = Stream::connect_nonblocking(endpoint)?;
+        if connected {
+            return Self::started(stream, hello, deadline);
+        }
+        let retry = Retry::new()?;
+        let connecting =
+            Connecting { endpoint: endpoint.clone(), hello: hello.encode(), backoff: RETRY_FIRST };
+        retry.arm(RETRY_FIRST.min(deadline.saturating_duration_since(Instant::now())))?;
+        Ok(Self {
+            stream,
+            connecting: Some(connecting),
+            retry: Some(retry),
+            reply: [0; REPLY_LEN],
+            got: 0,
+            fds: Vec::new(),
+            deadline,
+        })
     }
 
     /// Starts the handshake on a connected stream.
@@ -791,31 +876,73 @@ impl PendingConnect {
     ///
     /// `Io` if the hello cannot be sent.
     pub fn start(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
-        stream.as_std().set_nonblocking(true)?;
-        // 32 bytes into a fresh socket's empty buffer: never `WouldBlock`.
-        stream.send_with_fds(&hello.encode(), &[])?;
+        Self::started(stream, hello, Instant::now() + timeout)
+    }
+
+    fn started(stream: Stream, hello: &ClientHello, deadline: Instant) -> Result<Self, ConnectError> {
+        Self::send_hello(&stream, &hello.encode())?;
         Ok(Self {
             stream,
+            connecting: None,
+            retry: None,
             reply: [0; REPLY_LEN],
             got: 0,
             fds: Vec::new(),
-            deadline: Instant::now() + timeout,
+            deadline,
         })
     }
 
-    /// The socket: readable when the server's reply (or a hang-up) arrives.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
+    fn send_hello(stream: &Stream, hello: &[u8; HELLO_LEN]) -> Result<(), ConnectError> {
+        stream.as_std().set_nonblocking(true)?;
+        // 32 bytes into a fresh socket's empty buffer: never `WouldBlock`.
+        stream.send_with_fds(hello, &[])?;
+        Ok(())
     }
 
-    /// Reads what has arrived; returns `true` once the whole reply is
-    /// there (then call [`finish`](Self::finish)).
+    /// What to wait on: readable when [`poll`](Self::poll) has something
+    /// to do (the reply or a hang-up arrived, a retry of a connect to a
+    /// full backlog is due, or the deadline passed). The same descriptor
+    /// for the whole handshake.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match &self.retry {
+            Some(retry) => retry.epoll.as_fd(),
+            None => self.stream.as_fd(),
+        }
+    }
+
+    /// Retries a connect to a full backlog; `true` once connected.
+    fn poll_connect(&mut self) -> Result<bool, ConnectError> {
+        let Some(connecting) = &mut self.connecting else { return Ok(true) };
+        let Some(retry) = &self.retry else { return Ok(true) };
+        retry.drain();
+        if self.stream.retry_connect(&connecting.endpoint)? {
+            Self::send_hello(&self.stream, &connecting.hello)?;
+            epoll::add(&retry.epoll, &self.stream, epoll::EventData::new_u64(1), epoll::EventFlags::IN)
+                .map_err(io::Error::from)?;
+            self.connecting = None;
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(ConnectError::Timeout);
+        }
+        connecting.backoff = (connecting.backoff * 2).min(RETRY_MAX);
+        retry.arm(connecting.backoff.min(self.deadline - now))?;
+        Ok(false)
+    }
+
+    /// Does what is due: retries the connect while the server's backlog is
+    /// full, then reads what has arrived; returns `true` once the whole
+    /// reply is there (then call [`finish`](Self::finish)).
     ///
     /// # Errors
     ///
     /// As [`ClientChannel::connect`], including `Timeout` once the deadline
     /// given at the start has passed.
     pub fn poll(&mut self) -> Result<bool, ConnectError> {
+        if !self.poll_connect()? {
+            return Ok(false);
+        }
         while self.got < REPLY_LEN {
             match self.stream.recv_with_fds(&mut self.reply[self.got..], REPLY_FDS - self.fds.len()) {
                 Ok((0, _)) => {
@@ -840,6 +967,24 @@ impl PendingConnect {
             }
         }
         Ok(true)
+    }
+
+    /// Polls and waits on [`fd`](Self::fd) until the reply is complete or
+    /// the deadline passes, then [`finish`](Self::finish)es.
+    fn complete(mut self) -> Result<ClientChannel, ConnectError> {
+        loop {
+            if self.poll()? {
+                return self.finish();
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let fd = self.fd();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let ts = Timespec::try_from(left).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
+            match poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(ConnectError::Io(e.into())),
+            }
+        }
     }
 
     /// Validates the server's reply and descriptors and sets the connection
@@ -886,7 +1031,8 @@ pub struct ClientChannel {
 
 impl ClientChannel {
     /// Connects to `endpoint` and runs the handshake for `hello`, all
-    /// within `timeout`.
+    /// within `timeout` (a server whose accept backlog is full is retried
+    /// until then, never waited for in `connect(2)`).
     ///
     /// # Errors
     ///
@@ -898,8 +1044,7 @@ impl ClientChannel {
         hello: &ClientHello,
         timeout: Duration,
     ) -> Result<Self, ConnectError> {
-        let stream = Stream::connect(endpoint)?;
-        Self::handshake(stream, hello, timeout)
+        PendingConnect::connect(endpoint, hello, timeout)?.complete()
     }
 
     /// Runs the client side of the handshake on a connected stream.
@@ -908,19 +1053,7 @@ impl ClientChannel {
     ///
     /// As [`connect`](Self::connect).
     pub fn handshake(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
-        let mut pending = PendingConnect::start(stream, hello, timeout)?;
-        loop {
-            if pending.poll()? {
-                return pending.finish();
-            }
-            let left = pending.deadline.saturating_duration_since(Instant::now());
-            let mut fds = [PollFd::new(&pending.stream, PollFlags::IN)];
-            let ts = Timespec::try_from(left).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
-            match poll(&mut fds, Some(&ts)) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(ConnectError::Io(e.into())),
-            }
-        }
+        PendingConnect::start(stream, hello, timeout)?.complete()
     }
 
     /// Completes a handshake whose reply (and descriptors) arrived: checks

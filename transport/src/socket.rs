@@ -297,8 +297,10 @@ pub struct Stream {
 impl Stream {
     /// Connects to a server's endpoint. The stream is in blocking mode.
     ///
-    /// Note that `connect(2)` on a Unix stream socket blocks while the
-    /// server's accept backlog is full.
+    /// Note that `connect(2)` on a Unix stream socket blocks, without a
+    /// bound, while the server's accept backlog is full; use
+    /// [`connect_nonblocking`](Self::connect_nonblocking) when a deadline
+    /// matters (the handshake in [`crate::channel`] does).
     ///
     /// # Errors
     ///
@@ -311,6 +313,56 @@ impl Stream {
             Endpoint::Abstract(_) => UnixStream::connect_addr(&endpoint.socket_addr()?)?,
         };
         Ok(Self { inner })
+    }
+
+    /// Starts connecting to a server's endpoint without blocking: the
+    /// socket is nonblocking and close-on-exec from the start, and the
+    /// boolean says whether the connection is established (`true`) or the
+    /// server's accept backlog is full (`false`: nothing is queued; call
+    /// [`retry_connect`](Self::retry_connect) later, the kernel offers no
+    /// readiness event for "the backlog has room").
+    ///
+    /// # Errors
+    ///
+    /// The `socket(2)`/`connect(2)` error: `ECONNREFUSED` (nobody listens),
+    /// `ENOENT` (no such path), `EACCES`, …
+    #[doc(alias = "coroipcc_service_connect")]
+    pub fn connect_nonblocking(endpoint: &Endpoint) -> io::Result<(Self, bool)> {
+        let fd = socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        let stream = Self { inner: UnixStream::from(fd) };
+        let connected = stream.retry_connect(endpoint)?;
+        Ok((stream, connected))
+    }
+
+    /// Tries again to connect a socket from
+    /// [`connect_nonblocking`](Self::connect_nonblocking) whose server had
+    /// a full backlog; never blocks. `true` once connected (also if it
+    /// already was).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect_nonblocking`](Self::connect_nonblocking).
+    pub fn retry_connect(&self, endpoint: &Endpoint) -> io::Result<bool> {
+        let addr = match endpoint {
+            Endpoint::Path(path) => SocketAddrUnix::new(path.as_path())?,
+            Endpoint::Abstract(name) => SocketAddrUnix::new_abstract_name(name)?,
+        };
+        loop {
+            return match connect(&self.inner, &addr) {
+                Ok(()) | Err(Errno::ISCONN) => Ok(true),
+                // A full backlog (`EAGAIN`); `EINPROGRESS`/`EALREADY` are
+                // what other socket families answer for a connect under
+                // way, which a later call completes (`EISCONN`) or fails.
+                Err(Errno::AGAIN | Errno::INPROGRESS | Errno::ALREADY) => Ok(false),
+                Err(Errno::INTR) => continue,
+                Err(e) => Err(e.into()),
+            };
+        }
     }
 
     /// A connected pair, as from `socketpair(2)` (for tests and in-process

@@ -27,6 +27,7 @@ use coroipc_transport::handshake::{
 use coroipc_transport::segment::{Segment, SegmentOpenError};
 use coroipc_transport::socket::{Endpoint, Listener, Stream};
 use coroipc_transport::waiter::{SleepMode, WaitPolicy};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
 
 const T: Duration = Duration::from_secs(10);
@@ -623,4 +624,131 @@ fn server_making_shared_eventfds_blocking_cannot_hang_the_client() {
         client.close();
     });
     server.join();
+}
+
+// ---------------------------------------------------------------------------
+// A server that never accepts: connect honours its deadline
+// ---------------------------------------------------------------------------
+
+/// A listener that never accepts, with its accept backlog filled by
+/// connections that never say hello; returns it with the queued sockets.
+fn full_backlog(tag: &str) -> (Endpoint, Listener, Vec<OwnedFd>) {
+    use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let endpoint = abstract_endpoint(tag);
+    let listener = Listener::bind(&endpoint).expect("bind");
+    let Endpoint::Abstract(name) = &endpoint else { unreachable!() };
+    let addr = SocketAddrUnix::new_abstract_name(name).expect("address");
+    let mut queued = Vec::new();
+    loop {
+        let s = socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .expect("socket");
+        match connect(&s, &addr) {
+            Ok(()) => queued.push(s),
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("unexpected connect error {e}"),
+        }
+        assert!(queued.len() < 100_000, "the backlog never filled");
+    }
+    (endpoint, listener, queued)
+}
+
+#[test]
+fn blocking_connect_to_a_full_backlog_times_out_at_its_deadline() {
+    let (endpoint, _listener, _queued) = full_backlog("backlog-blocking");
+    let start = Instant::now();
+    let err = within(T, "connect to a full backlog", move || {
+        ClientChannel::connect(&endpoint, &hello(SERVICE_ECHO, SMALL), Duration::from_secs(1))
+    })
+    .expect_err("nobody accepts");
+    let took = start.elapsed();
+    assert!(matches!(err, ConnectError::Timeout), "{err:?}");
+    assert!(took < Duration::from_secs(5), "a 1 s connect took {took:?}");
+}
+
+#[test]
+fn nonblocking_connect_to_a_full_backlog_returns_at_once_then_connects_when_room_appears() {
+    use coroipc_transport::channel::PendingConnect;
+    use coroipc_transport::handshake::Refusal;
+    let (endpoint, listener, queued) = full_backlog("backlog-nonblocking");
+    let ep = endpoint.clone();
+    // Must return without waiting for the backlog (a hang fails here).
+    let mut pending = within(T, "connect_nonblocking to a full backlog", move || {
+        PendingConnect::connect(&ep, &hello(SERVICE_ECHO, SMALL), T)
+    })
+    .expect("a full backlog is not an error for a nonblocking connect");
+    assert!(!pending.poll().expect("still connecting"), "nobody accepted yet");
+    // Room appears: the server accepts the queued ones and answers the
+    // next hello with a refusal, which proves the pending client connected,
+    // sent its hello and read the reply.
+    let server = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        let deadline = Instant::now() + T;
+        let mut accepted = 0;
+        loop {
+            match listener.try_accept().expect("accept") {
+                Some(stream) if accepted < queued.len() => {
+                    drop(stream);
+                    accepted += 1;
+                }
+                Some(stream) => {
+                    stream.as_std().set_read_timeout(Some(T)).unwrap();
+                    let mut hello = [0u8; HELLO_LEN];
+                    stream.as_std().read_exact(&mut hello).expect("the pending client's hello");
+                    stream.send_with_fds(&ServerReply::Refused(Refusal::AccessDenied).encode(), &[]).unwrap();
+                    hold_until_closed(&stream);
+                    return;
+                }
+                None => {
+                    assert!(Instant::now() < deadline, "the pending client never arrived");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    });
+    let result = within(T + T, "pending connect", move || {
+        let deadline = Instant::now() + T;
+        loop {
+            match pending.poll() {
+                Ok(true) => return pending.finish().map(|_| ()),
+                Ok(false) => {}
+                Err(e) => return Err(e),
+            }
+            assert!(Instant::now() < deadline, "the pending connect never completed");
+            let fd = pending.fd();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let ts = Timespec { tv_sec: 1, tv_nsec: 0 };
+            let _ = poll(&mut fds, Some(&ts));
+        }
+    });
+    assert!(matches!(result, Err(ConnectError::Refused(Refusal::AccessDenied))), "{result:?}");
+    server.join().expect("server thread");
+}
+
+#[test]
+fn nonblocking_connect_to_a_full_backlog_times_out_at_its_deadline() {
+    use coroipc_transport::channel::PendingConnect;
+    let (endpoint, _listener, _queued) = full_backlog("backlog-nonblocking-timeout");
+    let start = Instant::now();
+    let err = within(T, "nonblocking connect to a full backlog", move || {
+        let mut pending =
+            PendingConnect::connect(&endpoint, &hello(SERVICE_ECHO, SMALL), Duration::from_secs(1))?;
+        loop {
+            if pending.poll()? {
+                return pending.finish().map(|_| ());
+            }
+            let fd = pending.fd();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let ts = Timespec { tv_sec: 1, tv_nsec: 0 };
+            let _ = poll(&mut fds, Some(&ts));
+        }
+    })
+    .expect_err("nobody accepts");
+    let took = start.elapsed();
+    assert!(matches!(err, ConnectError::Timeout), "{err:?}");
+    assert!(took < Duration::from_secs(5), "a 1 s connect took {took:?}");
 }
