@@ -30,7 +30,7 @@
 #![allow(unsafe_code)]
 
 use std::fmt;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -51,7 +51,10 @@ use crate::handshake::{
     HELLO_LEN, MAX_RING_BYTES, MIN_RING_BYTES, REPLY_LEN,
 };
 use crate::segment::{Segment, SegmentOpenError};
-use crate::socket::{Endpoint, PeerCred, SocketRecvError, Stream};
+use crate::socket::{
+    close_in_background, release_in_background, stop_descriptors, Endpoint, PeerCred, SocketRecvError,
+    Stream, MAX_FDS_PER_MESSAGE,
+};
 use crate::waiter::{spin_until, wait_until, Liveness, WaitError, WaitPolicy};
 
 /// Number of descriptors in an accepting reply: memfd + three eventfds.
@@ -296,12 +299,26 @@ impl PendingHandshake {
         &mut self,
     ) -> Result<Option<Result<ClientHello, HandshakeDecodeError>>, HandshakeError> {
         while self.got < HELLO_LEN {
-            match (&mut self.stream.as_std()).read(&mut self.buf[self.got..]) {
-                Ok(0) => return Err(HandshakeError::Closed),
-                Ok(n) => self.got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+            // Not `read(2)`: descriptors attached to the hello (where the
+            // kernel does not refuse them, see `socket`) would be closed by
+            // the kernel in this thread, the event loop's, and the last
+            // close of a lingering socket blocks. `recv_with_fds` with room
+            // for none hands whatever came to the closer thread.
+            match self.stream.recv_with_fds(&mut self.buf[self.got..], MAX_FDS_PER_MESSAGE) {
+                Ok((0, _)) => {
+                    self.release();
+                    return Err(HandshakeError::Closed);
+                }
+                Ok((n, fds)) => {
+                    self.got += n;
+                    fds.into_iter().for_each(close_in_background);
+                }
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.release();
+                    return Err(io::Error::from(e).into());
+                }
             }
         }
         Ok(Some(ClientHello::decode(&self.buf)))
@@ -311,6 +328,14 @@ impl PendingHandshake {
     /// blocking) and closes. Nothing was created for it.
     pub fn refuse(self, refusal: Refusal) {
         let _ = self.stream.send_with_fds(&ServerReply::Refused(refusal).encode(), &[]);
+        self.release();
+    }
+
+    /// Where the kernel cannot refuse the client's descriptors: makes sure
+    /// the ones it may still have queued are closed on the closer thread,
+    /// not by this socket's close in the caller's thread.
+    fn release(&self) {
+        release_in_background(self.stream.as_fd(), true);
     }
 
     /// Accepts: creates the segment, rings and bells for `sizes` (from
@@ -703,6 +728,9 @@ fn wake_all(point: coroipc_ring::WaitPoint<'_>, bell: &Bell) {
 impl Drop for ServerChannel {
     fn drop(&mut self) {
         self.close();
+        // Where the kernel cannot refuse the client's descriptors, the ones
+        // it queued on the socket die with its last close: not here.
+        release_in_background(self.stream.as_fd(), true);
     }
 }
 
@@ -940,6 +968,17 @@ impl PendingConnect {
     /// As [`ClientChannel::connect`], including `Timeout` once the deadline
     /// given at the start has passed.
     pub fn poll(&mut self) -> Result<bool, ConnectError> {
+        let polled = self.poll_reply();
+        if polled.is_err() {
+            // The caller drops us next: what the server queued on the socket
+            // must not be closed in the caller's thread.
+            let _ = stop_descriptors(&self.stream);
+            release_in_background(self.stream.as_fd(), false);
+        }
+        polled
+    }
+
+    fn poll_reply(&mut self) -> Result<bool, ConnectError> {
         if !self.poll_connect()? {
             return Ok(false);
         }
@@ -966,7 +1005,33 @@ impl PendingConnect {
                 Err(_) => return Err(ConnectError::Descriptors("truncated or too many")),
             }
         }
+        self.nothing_after_the_reply()?;
         Ok(true)
+    }
+
+    /// The reply is complete: from now on the socket takes no descriptors
+    /// (where the kernel can refuse them), and anything the server sent
+    /// beyond the reply before that is an error — its descriptors go to
+    /// the closer thread, so that no later close of this socket (when the
+    /// connection ends) drops them in the caller's thread.
+    fn nothing_after_the_reply(&mut self) -> Result<(), ConnectError> {
+        stop_descriptors(&self.stream)?;
+        let mut extra = [0u8; 1];
+        loop {
+            return match self.stream.recv_with_fds(&mut extra, 0) {
+                // End of stream (a refusal is followed by a close), or
+                // nothing more: as it should be.
+                Ok((0, _)) => Ok(()),
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok((n, _)) => Err(ConnectError::Handshake(HandshakeDecodeError::WrongLength {
+                    expected: REPLY_LEN,
+                    actual: REPLY_LEN + n,
+                })),
+                Err(SocketRecvError::Io(e)) => Err(e.into()),
+                Err(_) => Err(ConnectError::Descriptors("sent after the reply")),
+            };
+        }
     }
 
     /// Polls and waits on [`fd`](Self::fd) until the reply is complete or

@@ -17,8 +17,23 @@
 //!   ([`peer_credentials`]).
 //!
 //! Received descriptors are always close-on-exec (`MSG_CMSG_CLOEXEC`), and a
-//! message whose descriptors did not all fit (`MSG_CTRUNC`) is an error, not
-//! a silent loss: the descriptors that did arrive are closed.
+//! message with more descriptors than were asked for is an error, not a
+//! silent loss.
+//!
+//! **Peer-supplied descriptors are never closed inline.** The last close of
+//! a descriptor can block: a TCP socket with `SO_LINGER` and unsent data
+//! waits up to its linger time in `close(2)`. A peer that passes such a
+//! socket could otherwise freeze whichever thread drops it — the server's
+//! event loop, or a client past its deadline. So:
+//!
+//! - a [`Listener`] refuses descriptors altogether (`SO_PASSRIGHTS` off,
+//!   Linux 6.16 and later; inherited by every accepted socket from the
+//!   moment the peer connects): the sender gets `EPERM`, nothing arrives;
+//! - every receive ([`recv_with_fds`]) has room for the most descriptors a
+//!   message can carry, so the kernel never drops some itself, and the
+//!   unwanted ones go to [`close_in_background`], a dedicated closer thread;
+//! - where the kernel cannot refuse descriptors, a socket that may still
+//!   hold some queued is released with [`release_in_background`].
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -29,6 +44,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, OnceLock};
 
 use rustix::io::Errno;
 use rustix::net::{
@@ -37,6 +54,7 @@ use rustix::net::{
     SocketFlags, SocketType,
 };
 
+use crate::peercred::set_pass_rights;
 pub use crate::peercred::{peer_credentials, PeerCred};
 
 /// The most descriptors one message may carry (the kernel's `SCM_MAX_FD`).
@@ -166,7 +184,9 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds and listens on `endpoint`, in nonblocking, close-on-exec mode.
+    /// Binds and listens on `endpoint`, in nonblocking, close-on-exec mode,
+    /// refusing descriptors from clients (`SO_PASSRIGHTS` off, where the
+    /// kernel has it: see the [module docs](self)).
     ///
     /// If a path endpoint is taken by a socket file on which nothing
     /// listens (connecting is refused: its server died without cleaning
@@ -199,6 +219,7 @@ impl Listener {
             }
         };
         inner.set_nonblocking(true)?;
+        refuse_descriptors(&inner)?;
         Ok(Self { inner, endpoint: endpoint.clone(), socket_file })
     }
 
@@ -218,7 +239,12 @@ impl Listener {
     pub fn try_accept(&self) -> io::Result<Option<Stream>> {
         loop {
             match self.inner.accept() {
-                Ok((stream, _addr)) => return Ok(Some(Stream { inner: stream })),
+                Ok((stream, _addr)) => {
+                    // Inherited from the listener already; set again in case
+                    // the kernel did not copy it.
+                    refuse_descriptors(&stream)?;
+                    return Ok(Some(Stream { inner: stream }));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e)
                     if e.kind() == io::ErrorKind::Interrupted
@@ -522,12 +548,13 @@ pub fn send_with_fds(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> i
 ///
 /// # Errors
 ///
-/// - [`SocketRecvError::ControlTruncated`] if the peer sent more
-///   descriptors than fit (`MSG_CTRUNC`), and
-///   [`SocketRecvError::TooManyFds`] if more than `max_fds` arrived anyway
-///   (control space is rounded up). In both cases every descriptor that did
-///   arrive is closed, and the bytes read are lost: treat the stream as
-///   broken.
+/// - [`SocketRecvError::TooManyFds`] if more than `max_fds` arrived (the
+///   control buffer has room for [`MAX_FDS_PER_MESSAGE`], so the kernel
+///   itself drops none), and [`SocketRecvError::ControlTruncated`] if the
+///   kernel truncated the control data anyway (`MSG_CTRUNC`). In both
+///   cases every descriptor that did arrive goes to the closer thread
+///   ([`close_in_background`]: its close may block), and the bytes read are
+///   lost: treat the stream as broken.
 /// - [`SocketRecvError::Io`] for the `recvmsg(2)` error (`EAGAIN` on a
 ///   nonblocking socket, `ECONNRESET`, …); `EINTR` is retried.
 pub fn recv_with_fds(
@@ -536,11 +563,9 @@ pub fn recv_with_fds(
     max_fds: usize,
 ) -> Result<(usize, Vec<OwnedFd>), SocketRecvError> {
     let max_fds = max_fds.min(MAX_FDS_PER_MESSAGE);
-    let mut space = if max_fds == 0 {
-        Vec::new()
-    } else {
-        vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(max_fds))]
-    };
+    // Room for every descriptor one message can carry: a short control
+    // buffer would make the kernel close the rest itself, in this thread.
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = loop {
         match recvmsg(&sock, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC) {
@@ -555,11 +580,12 @@ pub fn recv_with_fds(
             fds.extend(received);
         }
     }
-    // Dropping `fds` on the error paths closes what did arrive.
     if msg.flags.contains(ReturnFlags::CTRUNC) {
+        fds.into_iter().for_each(close_in_background);
         return Err(SocketRecvError::ControlTruncated);
     }
     if fds.len() > max_fds {
+        fds.into_iter().for_each(close_in_background);
         return Err(SocketRecvError::TooManyFds { max: max_fds });
     }
     Ok((msg.bytes, fds))
@@ -576,7 +602,8 @@ pub fn recv_with_fds(
 ///
 /// As [`recv_with_fds`], plus [`SocketRecvError::Io`] with
 /// [`io::ErrorKind::UnexpectedEof`] if the stream ends before `buf` is
-/// full. Descriptors received before an error are closed.
+/// full. Descriptors received before an error are closed on the closer
+/// thread ([`close_in_background`]).
 pub fn recv_exact_with_fds(
     sock: impl AsFd,
     buf: &mut [u8],
@@ -586,14 +613,90 @@ pub fn recv_exact_with_fds(
     let mut fds = Vec::new();
     let mut filled = 0;
     while filled < buf.len() {
-        let (n, more) = recv_with_fds(sock.as_fd(), &mut buf[filled..], max_fds - fds.len())?;
+        let (n, more) = match recv_with_fds(sock.as_fd(), &mut buf[filled..], max_fds - fds.len()) {
+            Ok(got) => got,
+            Err(e) => {
+                fds.into_iter().for_each(close_in_background);
+                return Err(e);
+            }
+        };
+        fds.extend(more);
         if n == 0 {
+            fds.into_iter().for_each(close_in_background);
             return Err(SocketRecvError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
         filled += n;
-        fds.extend(more);
     }
     Ok(fds)
+}
+
+/// Closes `fd` on the crate's closer thread, never in the caller's: for
+/// descriptors a peer sent, whose last close may block (a lingering TCP
+/// socket waits in `close(2)` up to its `SO_LINGER` time). The thread is
+/// started on first use and closes descriptors one by one, in order; if it
+/// cannot be started, `fd` is closed here.
+pub fn close_in_background(fd: OwnedFd) {
+    static CLOSER: OnceLock<Option<mpsc::Sender<OwnedFd>>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<OwnedFd>();
+        std::thread::Builder::new()
+            .name("coroipc-closer".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    match closer {
+        // The receiver lives as long as the process; a failed send hands
+        // the descriptor back, closed here.
+        Some(tx) => {
+            if let Err(mpsc::SendError(fd)) = tx.send(fd) {
+                drop(fd);
+            }
+        }
+        None => drop(fd),
+    }
+}
+
+/// Whether every listener so far could refuse descriptors
+/// (`SO_PASSRIGHTS`): then no socket it accepted can hold a peer's
+/// descriptor, and none needs [`release_in_background`].
+static PASS_RIGHTS_REFUSED: AtomicBool = AtomicBool::new(true);
+
+/// Refuses descriptors on `sock`; records a kernel without the option.
+fn refuse_descriptors(sock: impl AsFd) -> io::Result<()> {
+    if !set_pass_rights(sock, false)? {
+        PASS_RIGHTS_REFUSED.store(false, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Stops `sock` from receiving descriptors from now on (`SO_PASSRIGHTS`
+/// off, Linux 6.16 and later); `Ok(false)` if the kernel cannot.
+/// Descriptors already queued stay queued.
+///
+/// # Errors
+///
+/// The `setsockopt(2)` error, other than "unknown option".
+pub fn stop_descriptors(sock: impl AsFd) -> io::Result<bool> {
+    set_pass_rights(sock, false)
+}
+
+/// Makes sure the **last** close of the socket `sock` — which also drops
+/// the descriptors the peer left queued in it, unread — happens on the
+/// closer thread ([`close_in_background`]): hangs the socket up now
+/// (`shutdown`, so the peer learns at once) and hands a duplicate to the
+/// closer, so that the caller's own close is never the last.
+///
+/// With `accepted` set (a socket from a [`Listener`]) it does nothing when
+/// the kernel refused descriptors to every listener: nothing can be queued.
+pub fn release_in_background(sock: BorrowedFd<'_>, accepted: bool) {
+    if accepted && PASS_RIGHTS_REFUSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let _ = rustix::net::shutdown(sock, rustix::net::Shutdown::Both);
+    if let Ok(dup) = sock.try_clone_to_owned() {
+        close_in_background(dup);
+    }
 }
 
 /// Why [`recv_with_fds`] failed.
@@ -898,7 +1001,7 @@ mod tests {
         a.send_with_fds(b"x", &[efd.as_fd()]).unwrap();
         let mut buf = [0u8; 1];
         let err = b.recv_with_fds(&mut buf, 0).unwrap_err();
-        assert!(matches!(err, SocketRecvError::ControlTruncated), "{err:?}");
+        assert!(matches!(err, SocketRecvError::TooManyFds { max: 0 }), "{err:?}");
     }
 
     #[test]
