@@ -341,6 +341,60 @@ fn pipe_or_socket_as_segment_is_refused() {
     assert!(matches!(err, ConnectError::Segment(SegmentOpenError::NotRegularFile)), "{err:?}");
 }
 
+/// The huge page size hugetlbfs memfds use here (`MFD_HUGETLB` without a
+/// size flag takes the default, 2 MiB on x86-64).
+const HUGE_PAGE: u64 = 2 << 20;
+
+/// A sealed `MFD_HUGETLB` memfd of one huge page, or `None` where the
+/// kernel has no hugetlbfs.
+fn hugetlb_memfd() -> Option<OwnedFd> {
+    let fd = memfd_create("coroipc", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB)
+        .ok()?;
+    ftruncate(&fd, HUGE_PAGE).ok()?;
+    fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL).ok()?;
+    Some(fd)
+}
+
+/// A hugetlbfs memfd passes every seal and size check, but its pages come
+/// from the huge page pool: a hostile server that punches a hole in it and
+/// drains the pool makes the client's next touch a SIGBUS. The client
+/// accepts only ordinary shmem memfds and refuses it before mapping it.
+/// (Whether the pool has pages does not matter for the verdict: the refusal
+/// comes from `fstatfs` before `mmap`.)
+#[test]
+fn hugetlbfs_memfd_is_refused_before_it_is_mapped() {
+    let Some(probe) = hugetlb_memfd() else {
+        eprintln!("no hugetlbfs memfds on this kernel: covered by the non-shmem check below only");
+        return;
+    };
+    drop(probe);
+    let err = connect_error("hugetlb-segment", move |stream| {
+        let mut setup = Setup::new();
+        // The same layout in a segment of one huge page (hugetlbfs sizes
+        // are whole huge pages).
+        setup.accepted.layout.segment_len = HUGE_PAGE;
+        let fd = hugetlb_memfd().expect("made above");
+        let mut fds = setup.fds();
+        fds[0] = fd.as_fd();
+        stream.send_with_fds(&ServerReply::Accepted(setup.accepted).encode(), &fds).unwrap();
+        hold_until_closed(&stream);
+    });
+    assert!(matches!(err, ConnectError::Segment(SegmentOpenError::NotShmem { .. })), "{err:?}");
+}
+
+/// Over the segment API: a hugetlbfs memfd is refused with its filesystem
+/// type, an ordinary sealed memfd passes. (A file on disk is refused
+/// earlier: it cannot be sealed, `unsealed_memfd_is_refused`'s class.)
+#[test]
+fn segment_from_fd_accepts_only_shmem() {
+    if let Some(fd) = hugetlb_memfd() {
+        let err = Segment::from_fd(fd, HUGE_PAGE).expect_err("hugetlbfs");
+        assert!(matches!(err, SegmentOpenError::NotShmem { fs_type: 0x9584_58f6 }), "{err:?}");
+    }
+    let ok = Segment::from_fd(memfd(4096, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL), 4096);
+    assert!(ok.is_ok(), "an ordinary sealed memfd: {ok:?}");
+}
+
 #[test]
 fn pipe_instead_of_an_eventfd_is_refused() {
     for slot in 1..4 {
