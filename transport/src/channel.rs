@@ -754,6 +754,54 @@ pub enum ConnectError {
     Control,
     /// The handshake did not finish in time.
     Timeout,
+    /// The process listening on the endpoint is not the user the client
+    /// requires ([`ConnectOptions::require_server_uid`]): perhaps a
+    /// squatter that bound the name first. Nothing was sent to it.
+    WrongServer {
+        /// The uid required.
+        expected: u32,
+        /// The listener's uid, from the kernel (`SO_PEERCRED`).
+        actual: u32,
+    },
+}
+
+/// How a client connects: the deadline and whom it accepts as the server.
+///
+/// # Examples
+///
+/// ```
+/// use coroipc_transport::channel::ConnectOptions;
+/// use std::time::Duration;
+///
+/// // Only a server running as root will do.
+/// let options = ConnectOptions::new(Duration::from_secs(5)).require_server_uid(0);
+/// assert_eq!(options.server_uid, Some(0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectOptions {
+    /// Connecting and the whole handshake must finish within this.
+    pub timeout: Duration,
+    /// If set, the listener's uid (`SO_PEERCRED`, recorded by the kernel
+    /// when the server called `listen(2)`) must be this one; checked right
+    /// after `connect(2)`, before the hello is sent or anything the server
+    /// sends is read.
+    pub server_uid: Option<u32>,
+}
+
+impl ConnectOptions {
+    /// Options with `timeout` and no identity requirement.
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout, server_uid: None }
+    }
+
+    /// Requires the server to run as `uid` ([`ConnectError::WrongServer`]
+    /// otherwise): abstract names (`@name`) have no permissions, so any
+    /// local user can bind one first.
+    pub fn require_server_uid(mut self, uid: u32) -> Self {
+        self.server_uid = Some(uid);
+        self
+    }
 }
 
 impl fmt::Display for ConnectError {
@@ -767,6 +815,9 @@ impl fmt::Display for ConnectError {
             Self::Ring(e) => write!(f, "bad ring: {e}"),
             Self::Control => f.write_str("bad control block"),
             Self::Timeout => f.write_str("handshake timed out"),
+            Self::WrongServer { expected, actual } => {
+                write!(f, "server runs as uid {actual}, not the required uid {expected}")
+            }
         }
     }
 }
@@ -808,6 +859,19 @@ pub struct PendingConnect {
     got: usize,
     fds: Vec<OwnedFd>,
     deadline: Instant,
+    /// The uid the listener must have ([`ConnectOptions::server_uid`]).
+    server_uid: Option<u32>,
+}
+
+/// Checks the listener's uid, if one is required, before anything is sent.
+fn check_server(stream: &Stream, required: Option<u32>) -> Result<(), ConnectError> {
+    let Some(expected) = required else { return Ok(()) };
+    let actual = stream.peer_credentials()?.uid;
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(ConnectError::WrongServer { expected, actual })
+    }
 }
 
 /// A connect waiting for room in the server's backlog.
@@ -878,10 +942,25 @@ impl PendingConnect {
         hello: &ClientHello,
         timeout: Duration,
     ) -> Result<Self, ConnectError> {
-        let deadline = Instant::now() + timeout;
+        Self::connect_with(endpoint, hello, &ConnectOptions::new(timeout))
+    }
+
+    /// [`connect`](Self::connect) with [`ConnectOptions`]: a deadline, and
+    /// optionally the uid the server must run as.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect), plus [`ConnectError::WrongServer`]
+    /// (here or from [`poll`](Self::poll), once the connect completes).
+    pub fn connect_with(
+        endpoint: &Endpoint,
+        hello: &ClientHello,
+        options: &ConnectOptions,
+    ) -> Result<Self, ConnectError> {
+        let deadline = Instant::now() + options.timeout;
         let (stream, connected) = Stream::connect_nonblocking(endpoint)?;
         if connected {
-            return Self::started(stream, hello, deadline);
+            return Self::started(stream, hello, deadline, options.server_uid);
         }
         let retry = Retry::new()?;
         let connecting =
@@ -895,6 +974,7 @@ impl PendingConnect {
             got: 0,
             fds: Vec::new(),
             deadline,
+            server_uid: options.server_uid,
         })
     }
 
@@ -904,10 +984,16 @@ impl PendingConnect {
     ///
     /// `Io` if the hello cannot be sent.
     pub fn start(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
-        Self::started(stream, hello, Instant::now() + timeout)
+        Self::started(stream, hello, Instant::now() + timeout, None)
     }
 
-    fn started(stream: Stream, hello: &ClientHello, deadline: Instant) -> Result<Self, ConnectError> {
+    fn started(
+        stream: Stream,
+        hello: &ClientHello,
+        deadline: Instant,
+        server_uid: Option<u32>,
+    ) -> Result<Self, ConnectError> {
+        check_server(&stream, server_uid)?;
         Self::send_hello(&stream, &hello.encode())?;
         Ok(Self {
             stream,
@@ -917,6 +1003,7 @@ impl PendingConnect {
             got: 0,
             fds: Vec::new(),
             deadline,
+            server_uid,
         })
     }
 
@@ -944,6 +1031,7 @@ impl PendingConnect {
         let Some(retry) = &self.retry else { return Ok(true) };
         retry.drain();
         if self.stream.retry_connect(&connecting.endpoint)? {
+            check_server(&self.stream, self.server_uid)?;
             Self::send_hello(&self.stream, &connecting.hello)?;
             epoll::add(&retry.epoll, &self.stream, epoll::EventData::new_u64(1), epoll::EventFlags::IN)
                 .map_err(io::Error::from)?;
@@ -1109,7 +1197,21 @@ impl ClientChannel {
         hello: &ClientHello,
         timeout: Duration,
     ) -> Result<Self, ConnectError> {
-        PendingConnect::connect(endpoint, hello, timeout)?.complete()
+        Self::connect_with(endpoint, hello, &ConnectOptions::new(timeout))
+    }
+
+    /// [`connect`](Self::connect) with [`ConnectOptions`]: a deadline, and
+    /// optionally the uid the server must run as.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect), plus [`ConnectError::WrongServer`].
+    pub fn connect_with(
+        endpoint: &Endpoint,
+        hello: &ClientHello,
+        options: &ConnectOptions,
+    ) -> Result<Self, ConnectError> {
+        PendingConnect::connect_with(endpoint, hello, options)?.complete()
     }
 
     /// Runs the client side of the handshake on a connected stream.

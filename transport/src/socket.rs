@@ -203,14 +203,42 @@ impl Listener {
     /// `socket`/`bind`/`listen` error (e.g. `EACCES`, `ENOENT` for a missing
     /// directory).
     pub fn bind(endpoint: &Endpoint) -> io::Result<Self> {
+        Self::bind_with(endpoint, &PathPermissions::default())
+    }
+
+    /// [`bind`](Self::bind), giving a path endpoint's socket file the
+    /// mode and owner in `permissions` **before** it listens: until then a
+    /// `connect(2)` is refused, so no client ever reaches the socket under
+    /// the permissions it was created with (the process umask's).
+    ///
+    /// The mode and owner are applied by path, between `bind(2)` and
+    /// `listen(2)`: whoever can write the socket's directory could swap
+    /// the file in between (as they could delete it at any time), so put
+    /// the socket in a directory only the server's user can write.
+    ///
+    /// # Errors
+    ///
+    /// As [`bind`](Self::bind), plus [`io::ErrorKind::InvalidInput`] for
+    /// permissions on an abstract endpoint (abstract names have none), and
+    /// the `chmod(2)`/`chown(2)` error (`EPERM` to give the file away
+    /// without privilege); the socket file is removed again then.
+    pub fn bind_with(endpoint: &Endpoint, permissions: &PathPermissions) -> io::Result<Self> {
         let (inner, socket_file) = match endpoint {
-            Endpoint::Abstract(_) => (UnixListener::bind_addr(&endpoint.socket_addr()?)?, None),
+            Endpoint::Abstract(_) => {
+                if *permissions != PathPermissions::default() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "abstract socket names have no mode or owner",
+                    ));
+                }
+                (UnixListener::bind_addr(&endpoint.socket_addr()?)?, None)
+            }
             Endpoint::Path(path) => {
                 let path = std::path::absolute(path)?;
-                let inner = match UnixListener::bind(&path) {
+                let inner = match bind_path(&path, permissions) {
                     Err(e) if e.kind() == io::ErrorKind::AddrInUse && is_stale_socket(&path) => {
                         std::fs::remove_file(&path)?;
-                        UnixListener::bind(&path)?
+                        bind_path(&path, permissions)?
                     }
                     other => other?,
                 };
@@ -289,6 +317,49 @@ impl Drop for Listener {
             }
         }
     }
+}
+
+/// The mode and owner of a path endpoint's socket file
+/// ([`Listener::bind_with`]); `None` fields are left as `bind(2)` made
+/// them (mode from the umask, owner the server's user).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PathPermissions {
+    /// Permission bits (e.g. `0o660`: owner and group may connect; connect
+    /// needs write permission on the socket file).
+    pub mode: Option<u32>,
+    /// The owning user.
+    pub uid: Option<u32>,
+    /// The owning group.
+    pub gid: Option<u32>,
+}
+
+/// Binds a path socket, applies `permissions` to its file, then listens.
+fn bind_path(path: &Path, permissions: &PathPermissions) -> io::Result<UnixListener> {
+    use rustix::fs::{chmod, chownat, AtFlags, Gid, Mode, Uid, CWD};
+    let fd = socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    let applied = (|| -> io::Result<()> {
+        if permissions.uid.is_some() || permissions.gid.is_some() {
+            // Not following a symlink someone put in the socket's place.
+            chownat(
+                CWD,
+                path,
+                permissions.uid.map(Uid::from_raw),
+                permissions.gid.map(Gid::from_raw),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        if let Some(mode) = permissions.mode {
+            chmod(path, Mode::from_raw_mode(mode))?;
+        }
+        rustix::net::listen(&fd, 128)?;
+        Ok(())
+    })();
+    if let Err(e) = applied {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from(fd))
 }
 
 /// Whether `path` is a socket file on which nobody listens.
@@ -945,6 +1016,34 @@ mod tests {
         assert!(path.exists(), "the old listener removed the new socket");
         drop(new);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn path_endpoint_gets_its_mode_and_owner_before_it_listens() {
+        let tmp = TempSock::new("mode");
+        let ep = Endpoint::Path(tmp.path.clone());
+        let root = rustix::process::geteuid().is_root();
+        let permissions =
+            PathPermissions { mode: Some(0o600), uid: root.then_some(65534), gid: root.then_some(65534) };
+        let listener = Listener::bind_with(&ep, &permissions).unwrap();
+        let meta = std::fs::symlink_metadata(&tmp.path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        if root {
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        }
+        // It listens: a client connects.
+        let _client = Stream::connect(&ep).unwrap();
+        accept_within(&listener, Duration::from_secs(5));
+        drop(listener);
+        assert!(!tmp.path.exists());
+    }
+
+    #[test]
+    fn abstract_endpoint_has_no_permissions_to_set() {
+        let ep = unique_abstract_endpoint("perm");
+        let permissions = PathPermissions { mode: Some(0o600), ..PathPermissions::default() };
+        assert_eq!(Listener::bind_with(&ep, &permissions).unwrap_err().kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

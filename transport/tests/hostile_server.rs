@@ -46,7 +46,27 @@ const SERVER_STATE_AT: u64 = 128;
 #[test]
 #[ignore = "helper: runs as a child process of the other tests"]
 fn child() {
-    child_main(|_| false);
+    child_main(|role| match role {
+        "squatter" => {
+            squatter();
+            true
+        }
+        _ => false,
+    });
+}
+
+/// The uid a squatter drops to (`nobody`).
+const SQUATTER_UID: u32 = 65534;
+
+/// Role `squatter`: becomes [`SQUATTER_UID`] (this thread, which is the one
+/// that listens: the kernel records its credentials), binds the endpoint
+/// first, reports `@@READY uid=…` and holds it until stdin closes, never
+/// accepting.
+fn squatter() {
+    rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(SQUATTER_UID)).expect("setuid");
+    let _listener = Listener::bind(&env_endpoint()).expect("bind");
+    report("READY", &format!("uid={}", rustix::process::geteuid().as_raw()));
+    while read_stdin_line().is_some() {}
 }
 
 // ---------------------------------------------------------------------------
@@ -805,4 +825,42 @@ fn nonblocking_connect_to_a_full_backlog_times_out_at_its_deadline() {
     let took = start.elapsed();
     assert!(matches!(err, ConnectError::Timeout), "{err:?}");
     assert!(took < Duration::from_secs(5), "a 1 s connect took {took:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Endpoint squatting
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_client_requiring_the_server_uid_refuses_a_squatter_before_saying_hello() {
+    use coroipc_transport::channel::ConnectOptions;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("needs root to run a squatter as another user: skipped");
+        return;
+    }
+    let ep = abstract_endpoint("squatter");
+    let mut squatter = spawn_child("squatter", &[(EP, ep.to_string())]);
+    let ready = squatter.expect("READY", T);
+    assert_eq!(num(&ready, "uid"), u64::from(SQUATTER_UID));
+    let options = ConnectOptions::new(Duration::from_secs(2)).require_server_uid(0);
+    let err = within(T, "connect to a squatter", move || {
+        ClientChannel::connect_with(&ep, &hello(SERVICE_ECHO, SMALL), &options).map(|_| ())
+    })
+    .expect_err("a squatter is not the server");
+    assert!(matches!(err, ConnectError::WrongServer { expected: 0, actual: SQUATTER_UID }), "{err:?}");
+}
+
+#[test]
+fn a_client_requiring_the_server_uid_connects_to_the_right_server() {
+    use coroipc_transport::channel::ConnectOptions;
+    let ep = abstract_endpoint("right-uid");
+    let mut server = spawn_child("server", &[(EP, ep.to_string())]);
+    server.expect("READY", T);
+    let me = rustix::process::geteuid().as_raw();
+    let options = ConnectOptions::new(T).require_server_uid(me);
+    let mut client = within(T + T, "connect", move || {
+        ClientChannel::connect_with(&ep, &hello(SERVICE_ECHO, SMALL), &options)
+    })
+    .expect("the server runs as our uid");
+    echo_round_trip(&mut client, 1, T);
 }
