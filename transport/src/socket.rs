@@ -269,8 +269,10 @@ impl Listener {
             match self.inner.accept() {
                 Ok((stream, _addr)) => {
                     // Inherited from the listener already; set again in case
-                    // the kernel did not copy it.
-                    refuse_descriptors(&stream)?;
+                    // the kernel did not copy it (a failure here changes
+                    // nothing: `recv_with_fds` still hands descriptors to
+                    // the closer thread).
+                    let _ = refuse_descriptors(&stream);
                     return Ok(Some(Stream { inner: stream }));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
