@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use coroipc_ring::FlowState;
-use coroipc_transport::channel::{ChannelError, ClientChannel, PendingConnect};
+use coroipc_transport::channel::{ChannelError, ClientChannel, ConnectOptions, PendingConnect};
 use coroipc_transport::handshake::{ClientHello, RingSizes};
 use coroipc_transport::message::{MessageHeader, Status, FLAG_ONEWAY, HEADER_LEN};
 use coroipc_transport::socket::{Endpoint, PeerCred};
@@ -44,6 +44,7 @@ pub struct ClientBuilder {
     timeout: Duration,
     policy: WaitPolicy,
     max_in_flight: usize,
+    server_uid: Option<u32>,
 }
 
 impl ClientBuilder {
@@ -63,6 +64,35 @@ impl ClientBuilder {
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Requires the server to run as `uid`: the listener's kernel-given
+    /// uid (`SO_PEERCRED`) is checked right after connecting, before the
+    /// hello is sent or anything the server sends is used; another uid
+    /// fails the connect with [`Error::WrongServer`]. Abstract endpoints
+    /// (`@name`) have no permissions, so any local user can bind the name
+    /// first; this check is how a client tells.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), coroipc_client::Error> {
+    /// // Only talk to a server running as root.
+    /// let client = coroipc_client::Client::builder("@corosync.ipc", 1).require_server_uid(0).connect()?;
+    /// # drop(client); Ok(()) }
+    /// ```
+    pub fn require_server_uid(mut self, uid: u32) -> Self {
+        self.server_uid = Some(uid);
+        self
+    }
+
+    /// The connect options: deadline and server identity.
+    fn connect_options(&self) -> ConnectOptions {
+        let options = ConnectOptions::new(self.timeout);
+        match self.server_uid {
+            Some(uid) => options.require_server_uid(uid),
+            None => options,
+        }
     }
 
     /// How blocking calls wait (spin budget, then futex or poll).
@@ -94,7 +124,9 @@ impl ClientBuilder {
     /// Starts connecting without blocking, for event loops: poll
     /// [`PendingClient`]'s fd for readability, call
     /// [`PendingClient::poll`] until it says `true`, then
-    /// [`PendingClient::finish`].
+    /// [`PendingClient::finish`]. Never blocks: a server whose accept
+    /// backlog is full is retried by [`PendingClient::poll`] until the
+    /// [`timeout`](Self::timeout), which then reports `Timeout`.
     ///
     /// # Errors
     ///
@@ -102,7 +134,7 @@ impl ClientBuilder {
     pub fn connect_nonblocking(self) -> Result<PendingClient> {
         let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
         let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
-        let pending = PendingConnect::connect(&endpoint, &hello, self.timeout)?;
+        let pending = PendingConnect::connect_with(&endpoint, &hello, &self.connect_options())?;
         Ok(PendingClient { pending, builder: self })
     }
 
@@ -156,7 +188,9 @@ impl PendingClient {
 }
 
 impl AsFd for PendingClient {
-    /// The socket: readable when the server's answer arrives.
+    /// Readable when [`PendingClient::poll`] has something to do: the
+    /// server's answer arrived, a retry of a connect to a full backlog is
+    /// due, or the timeout passed. The same descriptor until `finish`.
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.pending.fd()
     }
@@ -187,7 +221,7 @@ impl ClientBuilder {
     pub(crate) fn open(self) -> Result<(Inner, OwnedFd, OwnedFd)> {
         let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
         let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
-        let channel = ClientChannel::connect(&endpoint, &hello, self.timeout)?;
+        let channel = ClientChannel::connect_with(&endpoint, &hello, &self.connect_options())?;
         self.adopt(channel)
     }
 }
@@ -484,6 +518,7 @@ impl Client {
             timeout: Duration::from_secs(5),
             policy: WaitPolicy::default(),
             max_in_flight: 256,
+            server_uid: None,
         }
     }
 

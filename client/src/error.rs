@@ -27,6 +27,15 @@ pub enum Error {
     TooBig,
     /// The call did not complete in time (`CS_ERR_TIMEOUT`).
     Timeout,
+    /// The process listening on the endpoint does not run as the uid
+    /// required with [`ClientBuilder::require_server_uid`](crate::ClientBuilder::require_server_uid)
+    /// (perhaps another user bound the name first); nothing was sent to it.
+    WrongServer {
+        /// The uid required.
+        expected: u32,
+        /// The listener's uid, from the kernel.
+        actual: u32,
+    },
     /// The connection is gone, and why (`CS_ERR_LIBRARY`): the server or
     /// the service shut down, the server disconnected this client (too
     /// slow, protocol violation, corrupt memory, or at the service's
@@ -68,6 +77,9 @@ impl fmt::Display for Error {
             Self::Invalid => f.write_str("invalid request"),
             Self::TooBig => f.write_str("message too big"),
             Self::Timeout => f.write_str("timed out"),
+            Self::WrongServer { expected, actual } => {
+                write!(f, "server runs as uid {actual}, not the required uid {expected}")
+            }
             Self::Disconnected(reason) => write!(f, "connection lost: {reason}"),
             Self::ConnectionLimit => f.write_str("server at its connection limit"),
             Self::VersionMismatch => f.write_str("protocol version mismatch"),
@@ -117,6 +129,7 @@ impl From<ConnectError> for Error {
             },
             ConnectError::Io(e) => Self::Io(e),
             ConnectError::Timeout => Self::Timeout,
+            ConnectError::WrongServer { expected, actual } => Self::WrongServer { expected, actual },
             other => Self::Protocol(other.to_string()),
         }
     }

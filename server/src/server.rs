@@ -14,7 +14,7 @@ use coroipc_transport::control::DisconnectReason;
 use coroipc_transport::eventfd::EventFd;
 use coroipc_transport::handshake::{HandshakeDecodeError, Refusal, RingSizes, ServerReply};
 use coroipc_transport::message::{MessageHeader, FLAG_ONEWAY, HEADER_LEN, KNOWN_FLAGS};
-use coroipc_transport::socket::{Endpoint, Listener};
+use coroipc_transport::socket::{Endpoint, Listener, PathPermissions};
 use coroipc_transport::waiter::spin_until;
 
 use crate::connection::{Connection, ConnectionId, Credentials};
@@ -73,6 +73,7 @@ pub struct ServerBuilder {
     max_pending: usize,
     memory_budget: u64,
     memory_per_uid: u64,
+    endpoint_permissions: PathPermissions,
 }
 
 impl Default for ServerBuilder {
@@ -100,6 +101,7 @@ impl ServerBuilder {
             max_pending: 64,
             memory_budget: 1 << 30,
             memory_per_uid: 256 << 20,
+            endpoint_permissions: PathPermissions::default(),
         }
     }
 
@@ -107,6 +109,28 @@ impl ServerBuilder {
     /// socket name.
     pub fn endpoint(mut self, endpoint: &str) -> Self {
         self.endpoint = Some(Endpoint::parse(endpoint).map_err(|e| e.to_string()));
+        self
+    }
+
+    /// The mode and owner of a path endpoint's socket file (connecting
+    /// needs write permission on it): e.g. `0o660` with a group lets that
+    /// group's users connect and nobody else. Applied between `bind(2)` and
+    /// `listen(2)`, so no client connects before they hold; they are set
+    /// by path, so keep the socket in a directory only the server's user
+    /// can write (whoever can write it could swap the file meanwhile).
+    /// Abstract endpoints (`@name`) have no permissions: `build` fails with
+    /// an I/O error `InvalidInput` if any is set for one.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let server = coroipc_server::Server::builder()
+    ///     .endpoint("/run/coroipc/echo.sock")
+    ///     .endpoint_permissions(0o660, None, Some(0))
+    ///     .build();
+    /// ```
+    pub fn endpoint_permissions(mut self, mode: u32, uid: Option<u32>, gid: Option<u32>) -> Self {
+        self.endpoint_permissions = PathPermissions { mode: Some(mode), uid, gid };
         self
     }
 
@@ -221,7 +245,7 @@ impl ServerBuilder {
         if max_connections == 0 {
             return Err(ServerBuildError::BadLimits("the descriptor limit leaves room for no connection"));
         }
-        let listener = Listener::bind(&endpoint)?;
+        let listener = Listener::bind_with(&endpoint, &self.endpoint_permissions)?;
         let mut reserve = FdReserve::default();
         reserve.refill();
         let shared = Arc::new(Shared {

@@ -30,7 +30,7 @@
 #![allow(unsafe_code)]
 
 use std::fmt;
-use std::io::{self, IoSlice, Read};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -41,7 +41,7 @@ use coroipc_ring::{
     Watermarks,
 };
 
-use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
 
 use crate::bell::Bell;
 use crate::control::{Control, DisconnectReason, Side, CONTROL_LEN};
@@ -51,7 +51,10 @@ use crate::handshake::{
     HELLO_LEN, MAX_RING_BYTES, MIN_RING_BYTES, REPLY_LEN,
 };
 use crate::segment::{Segment, SegmentOpenError};
-use crate::socket::{Endpoint, PeerCred, SocketRecvError, Stream};
+use crate::socket::{
+    close_in_background, release_in_background, stop_descriptors, Endpoint, PeerCred, SocketRecvError,
+    Stream, MAX_FDS_PER_MESSAGE,
+};
 use crate::waiter::{spin_until, wait_until, Liveness, WaitError, WaitPolicy};
 
 /// Number of descriptors in an accepting reply: memfd + three eventfds.
@@ -296,12 +299,26 @@ impl PendingHandshake {
         &mut self,
     ) -> Result<Option<Result<ClientHello, HandshakeDecodeError>>, HandshakeError> {
         while self.got < HELLO_LEN {
-            match (&mut self.stream.as_std()).read(&mut self.buf[self.got..]) {
-                Ok(0) => return Err(HandshakeError::Closed),
-                Ok(n) => self.got += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
+            // Not `read(2)`: descriptors attached to the hello (where the
+            // kernel does not refuse them, see `socket`) would be closed by
+            // the kernel in this thread, the event loop's, and the last
+            // close of a lingering socket blocks. `recv_with_fds` with room
+            // for none hands whatever came to the closer thread.
+            match self.stream.recv_with_fds(&mut self.buf[self.got..], MAX_FDS_PER_MESSAGE) {
+                Ok((0, _)) => {
+                    self.release();
+                    return Err(HandshakeError::Closed);
+                }
+                Ok((n, fds)) => {
+                    self.got += n;
+                    fds.into_iter().for_each(close_in_background);
+                }
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.release();
+                    return Err(io::Error::from(e).into());
+                }
             }
         }
         Ok(Some(ClientHello::decode(&self.buf)))
@@ -311,6 +328,14 @@ impl PendingHandshake {
     /// blocking) and closes. Nothing was created for it.
     pub fn refuse(self, refusal: Refusal) {
         let _ = self.stream.send_with_fds(&ServerReply::Refused(refusal).encode(), &[]);
+        self.release();
+    }
+
+    /// Where the kernel cannot refuse the client's descriptors: makes sure
+    /// the ones it may still have queued are closed on the closer thread,
+    /// not by this socket's close in the caller's thread.
+    fn release(&self) {
+        release_in_background(self.stream.as_fd(), true);
     }
 
     /// Accepts: creates the segment, rings and bells for `sizes` (from
@@ -703,6 +728,9 @@ fn wake_all(point: coroipc_ring::WaitPoint<'_>, bell: &Bell) {
 impl Drop for ServerChannel {
     fn drop(&mut self) {
         self.close();
+        // Where the kernel cannot refuse the client's descriptors, the ones
+        // it queued on the socket die with its last close: not here.
+        release_in_background(self.stream.as_fd(), true);
     }
 }
 
@@ -726,6 +754,54 @@ pub enum ConnectError {
     Control,
     /// The handshake did not finish in time.
     Timeout,
+    /// The process listening on the endpoint is not the user the client
+    /// requires ([`ConnectOptions::require_server_uid`]): perhaps a
+    /// squatter that bound the name first. Nothing was sent to it.
+    WrongServer {
+        /// The uid required.
+        expected: u32,
+        /// The listener's uid, from the kernel (`SO_PEERCRED`).
+        actual: u32,
+    },
+}
+
+/// How a client connects: the deadline and whom it accepts as the server.
+///
+/// # Examples
+///
+/// ```
+/// use coroipc_transport::channel::ConnectOptions;
+/// use std::time::Duration;
+///
+/// // Only a server running as root will do.
+/// let options = ConnectOptions::new(Duration::from_secs(5)).require_server_uid(0);
+/// assert_eq!(options.server_uid, Some(0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectOptions {
+    /// Connecting and the whole handshake must finish within this.
+    pub timeout: Duration,
+    /// If set, the listener's uid (`SO_PEERCRED`, recorded by the kernel
+    /// when the server called `listen(2)`) must be this one; checked right
+    /// after `connect(2)`, before the hello is sent or anything the server
+    /// sends is read.
+    pub server_uid: Option<u32>,
+}
+
+impl ConnectOptions {
+    /// Options with `timeout` and no identity requirement.
+    pub fn new(timeout: Duration) -> Self {
+        Self { timeout, server_uid: None }
+    }
+
+    /// Requires the server to run as `uid` ([`ConnectError::WrongServer`]
+    /// otherwise): abstract names (`@name`) have no permissions, so any
+    /// local user can bind one first.
+    pub fn require_server_uid(mut self, uid: u32) -> Self {
+        self.server_uid = Some(uid);
+        self
+    }
 }
 
 impl fmt::Display for ConnectError {
@@ -739,6 +815,9 @@ impl fmt::Display for ConnectError {
             Self::Ring(e) => write!(f, "bad ring: {e}"),
             Self::Control => f.write_str("bad control block"),
             Self::Timeout => f.write_str("handshake timed out"),
+            Self::WrongServer { expected, actual } => {
+                write!(f, "server runs as uid {actual}, not the required uid {expected}")
+            }
         }
     }
 }
@@ -757,32 +836,146 @@ impl From<io::Error> for ConnectError {
 
 /// A client handshake in progress, for event loops: nothing in it blocks.
 /// Poll [`fd`](Self::fd) for readability and call [`poll`](Self::poll)
-/// until it returns the connection (coroipc had no such thing; a
-/// non-blocking connect lets a single-threaded application connect without
-/// stalling its loop).
+/// until it returns `true`, then [`finish`](Self::finish) (coroipc had no
+/// such thing; a non-blocking connect lets a single-threaded application
+/// connect without stalling its loop).
+///
+/// Connection life cycle (each step happens inside [`poll`](Self::poll),
+/// none waits):
+///
+/// | state | `fd` is readable when | next |
+/// |---|---|---|
+/// | connecting: the server's accept backlog was full | the retry timer fires (1 ms, doubling to 64 ms, never past the deadline) | connected once `connect(2)` succeeds; `Timeout` at the deadline |
+/// | connected, hello sent, reply incomplete | reply bytes or a hang-up arrive | reply complete (`poll` returns `true`); `Timeout` at the deadline |
 #[derive(Debug)]
 pub struct PendingConnect {
     stream: Stream,
+    /// `Some` while `connect(2)` has not succeeded (full backlog).
+    connecting: Option<Connecting>,
+    /// The retry timer and the epoll set behind [`fd`](Self::fd), made the
+    /// first time the backlog is full (an immediate connect needs neither).
+    retry: Option<Retry>,
     reply: [u8; REPLY_LEN],
     got: usize,
     fds: Vec<OwnedFd>,
     deadline: Instant,
+    /// The uid the listener must have ([`ConnectOptions::server_uid`]).
+    server_uid: Option<u32>,
+}
+
+/// Checks the listener's uid, if one is required, before anything is sent.
+fn check_server(stream: &Stream, required: Option<u32>) -> Result<(), ConnectError> {
+    let Some(expected) = required else { return Ok(()) };
+    let actual = stream.peer_credentials()?.uid;
+    if actual == expected {
+        Ok(())
+    } else {
+        Err(ConnectError::WrongServer { expected, actual })
+    }
+}
+
+/// A connect waiting for room in the server's backlog.
+#[derive(Debug)]
+struct Connecting {
+    endpoint: Endpoint,
+    hello: [u8; HELLO_LEN],
+    backoff: Duration,
+}
+
+/// What [`PendingConnect::fd`] stands for after a full backlog: an epoll
+/// set holding the retry timer, and the socket once connected, so that the
+/// descriptor an event loop registered stays the same across states.
+#[derive(Debug)]
+struct Retry {
+    epoll: OwnedFd,
+    timer: OwnedFd,
+}
+
+/// The first and the longest pause between connect attempts to a full
+/// backlog.
+const RETRY_FIRST: Duration = Duration::from_millis(1);
+const RETRY_MAX: Duration = Duration::from_millis(64);
+
+impl Retry {
+    fn new() -> io::Result<Self> {
+        use rustix::time::{timerfd_create, TimerfdClockId, TimerfdFlags};
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let timer =
+            timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK)?;
+        epoll::add(&epoll, &timer, epoll::EventData::new_u64(0), epoll::EventFlags::IN)?;
+        Ok(Self { epoll, timer })
+    }
+
+    /// Makes the timer fire once, `after` from now.
+    fn arm(&self, after: Duration) -> io::Result<()> {
+        use rustix::time::{timerfd_settime, Itimerspec, TimerfdTimerFlags};
+        let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+        // A zero `it_value` would disarm the timer: fire after 1 ns at least.
+        let after = after.max(Duration::from_nanos(1));
+        let value = Timespec { tv_sec: after.as_secs() as i64, tv_nsec: after.subsec_nanos().into() };
+        timerfd_settime(
+            &self.timer,
+            TimerfdTimerFlags::empty(),
+            &Itimerspec { it_interval: zero, it_value: value },
+        )?;
+        Ok(())
+    }
+
+    /// Consumes a pending expiry (the timer stays readable until read).
+    fn drain(&self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.timer, &mut buf);
+    }
 }
 
 impl PendingConnect {
-    /// Connects to `endpoint` and sends the hello without waiting for the
-    /// answer (a Unix socket connect completes at once unless the server's
-    /// backlog is full).
+    /// Starts connecting to `endpoint` and, once connected, sends the hello;
+    /// never waits, not even for a full accept backlog (the attempt is then
+    /// retried by [`poll`](Self::poll) until the deadline).
     ///
     /// # Errors
     ///
-    /// `Io` if nobody listens (or the backlog is full: `WouldBlock`).
+    /// `Io` if nobody listens (`ECONNREFUSED`, `ENOENT`, `EACCES`, …) or a
+    /// descriptor cannot be made.
     pub fn connect(
         endpoint: &Endpoint,
         hello: &ClientHello,
         timeout: Duration,
     ) -> Result<Self, ConnectError> {
-        Self::start(Stream::connect(endpoint)?, hello, timeout)
+        Self::connect_with(endpoint, hello, &ConnectOptions::new(timeout))
+    }
+
+    /// [`connect`](Self::connect) with [`ConnectOptions`]: a deadline, and
+    /// optionally the uid the server must run as.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect), plus [`ConnectError::WrongServer`]
+    /// (here or from [`poll`](Self::poll), once the connect completes).
+    pub fn connect_with(
+        endpoint: &Endpoint,
+        hello: &ClientHello,
+        options: &ConnectOptions,
+    ) -> Result<Self, ConnectError> {
+        let deadline = Instant::now() + options.timeout;
+        let (stream, connected) = Stream::connect_nonblocking(endpoint)?;
+        if connected {
+            return Self::started(stream, hello, deadline, options.server_uid);
+        }
+        let retry = Retry::new()?;
+        let connecting =
+            Connecting { endpoint: endpoint.clone(), hello: hello.encode(), backoff: RETRY_FIRST };
+        retry.arm(RETRY_FIRST.min(deadline.saturating_duration_since(Instant::now())))?;
+        Ok(Self {
+            stream,
+            connecting: Some(connecting),
+            retry: Some(retry),
+            reply: [0; REPLY_LEN],
+            got: 0,
+            fds: Vec::new(),
+            deadline,
+            server_uid: options.server_uid,
+        })
     }
 
     /// Starts the handshake on a connected stream.
@@ -791,31 +984,92 @@ impl PendingConnect {
     ///
     /// `Io` if the hello cannot be sent.
     pub fn start(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
-        stream.as_std().set_nonblocking(true)?;
-        // 32 bytes into a fresh socket's empty buffer: never `WouldBlock`.
-        stream.send_with_fds(&hello.encode(), &[])?;
+        Self::started(stream, hello, Instant::now() + timeout, None)
+    }
+
+    fn started(
+        stream: Stream,
+        hello: &ClientHello,
+        deadline: Instant,
+        server_uid: Option<u32>,
+    ) -> Result<Self, ConnectError> {
+        check_server(&stream, server_uid)?;
+        Self::send_hello(&stream, &hello.encode())?;
         Ok(Self {
             stream,
+            connecting: None,
+            retry: None,
             reply: [0; REPLY_LEN],
             got: 0,
             fds: Vec::new(),
-            deadline: Instant::now() + timeout,
+            deadline,
+            server_uid,
         })
     }
 
-    /// The socket: readable when the server's reply (or a hang-up) arrives.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
+    fn send_hello(stream: &Stream, hello: &[u8; HELLO_LEN]) -> Result<(), ConnectError> {
+        stream.as_std().set_nonblocking(true)?;
+        // 32 bytes into a fresh socket's empty buffer: never `WouldBlock`.
+        stream.send_with_fds(hello, &[])?;
+        Ok(())
     }
 
-    /// Reads what has arrived; returns `true` once the whole reply is
-    /// there (then call [`finish`](Self::finish)).
+    /// What to wait on: readable when [`poll`](Self::poll) has something
+    /// to do (the reply or a hang-up arrived, a retry of a connect to a
+    /// full backlog is due, or the deadline passed). The same descriptor
+    /// for the whole handshake.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        match &self.retry {
+            Some(retry) => retry.epoll.as_fd(),
+            None => self.stream.as_fd(),
+        }
+    }
+
+    /// Retries a connect to a full backlog; `true` once connected.
+    fn poll_connect(&mut self) -> Result<bool, ConnectError> {
+        let Some(connecting) = &mut self.connecting else { return Ok(true) };
+        let Some(retry) = &self.retry else { return Ok(true) };
+        retry.drain();
+        if self.stream.retry_connect(&connecting.endpoint)? {
+            check_server(&self.stream, self.server_uid)?;
+            Self::send_hello(&self.stream, &connecting.hello)?;
+            epoll::add(&retry.epoll, &self.stream, epoll::EventData::new_u64(1), epoll::EventFlags::IN)
+                .map_err(io::Error::from)?;
+            self.connecting = None;
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(ConnectError::Timeout);
+        }
+        connecting.backoff = (connecting.backoff * 2).min(RETRY_MAX);
+        retry.arm(connecting.backoff.min(self.deadline - now))?;
+        Ok(false)
+    }
+
+    /// Does what is due: retries the connect while the server's backlog is
+    /// full, then reads what has arrived; returns `true` once the whole
+    /// reply is there (then call [`finish`](Self::finish)).
     ///
     /// # Errors
     ///
     /// As [`ClientChannel::connect`], including `Timeout` once the deadline
     /// given at the start has passed.
     pub fn poll(&mut self) -> Result<bool, ConnectError> {
+        let polled = self.poll_reply();
+        if polled.is_err() {
+            // The caller drops us next: what the server queued on the socket
+            // must not be closed in the caller's thread.
+            let _ = stop_descriptors(&self.stream);
+            release_in_background(self.stream.as_fd(), false);
+        }
+        polled
+    }
+
+    fn poll_reply(&mut self) -> Result<bool, ConnectError> {
+        if !self.poll_connect()? {
+            return Ok(false);
+        }
         while self.got < REPLY_LEN {
             match self.stream.recv_with_fds(&mut self.reply[self.got..], REPLY_FDS - self.fds.len()) {
                 Ok((0, _)) => {
@@ -839,7 +1093,55 @@ impl PendingConnect {
                 Err(_) => return Err(ConnectError::Descriptors("truncated or too many")),
             }
         }
+        self.nothing_after_the_reply()?;
         Ok(true)
+    }
+
+    /// The reply is complete: from now on the socket takes no descriptors
+    /// (where the kernel can refuse them), and anything the server sent
+    /// beyond the reply before that is an error — its descriptors go to
+    /// the closer thread, so that no later close of this socket (when the
+    /// connection ends) drops them in the caller's thread.
+    fn nothing_after_the_reply(&mut self) -> Result<(), ConnectError> {
+        stop_descriptors(&self.stream)?;
+        let mut extra = [0u8; 1];
+        loop {
+            return match self.stream.recv_with_fds(&mut extra, 0) {
+                // End of stream (a refusal is followed by a close), or
+                // nothing more: as it should be.
+                Ok((0, _)) => Ok(()),
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
+                Err(SocketRecvError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok((n, _)) => Err(ConnectError::Handshake(HandshakeDecodeError::WrongLength {
+                    expected: REPLY_LEN,
+                    actual: REPLY_LEN + n,
+                })),
+                // A server that closed without reading our hello resets the
+                // connection (`ECONNRESET`) after its reply, e.g. a refusal
+                // out of descriptors: the reply stands, the hang-up is seen
+                // later.
+                Err(SocketRecvError::Io(_)) => Ok(()),
+                Err(_) => Err(ConnectError::Descriptors("sent after the reply")),
+            };
+        }
+    }
+
+    /// Polls and waits on [`fd`](Self::fd) until the reply is complete or
+    /// the deadline passes, then [`finish`](Self::finish)es.
+    fn complete(mut self) -> Result<ClientChannel, ConnectError> {
+        loop {
+            if self.poll()? {
+                return self.finish();
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let fd = self.fd();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let ts = Timespec::try_from(left).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
+            match poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(ConnectError::Io(e.into())),
+            }
+        }
     }
 
     /// Validates the server's reply and descriptors and sets the connection
@@ -886,7 +1188,8 @@ pub struct ClientChannel {
 
 impl ClientChannel {
     /// Connects to `endpoint` and runs the handshake for `hello`, all
-    /// within `timeout`.
+    /// within `timeout` (a server whose accept backlog is full is retried
+    /// until then, never waited for in `connect(2)`).
     ///
     /// # Errors
     ///
@@ -898,8 +1201,21 @@ impl ClientChannel {
         hello: &ClientHello,
         timeout: Duration,
     ) -> Result<Self, ConnectError> {
-        let stream = Stream::connect(endpoint)?;
-        Self::handshake(stream, hello, timeout)
+        Self::connect_with(endpoint, hello, &ConnectOptions::new(timeout))
+    }
+
+    /// [`connect`](Self::connect) with [`ConnectOptions`]: a deadline, and
+    /// optionally the uid the server must run as.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Self::connect), plus [`ConnectError::WrongServer`].
+    pub fn connect_with(
+        endpoint: &Endpoint,
+        hello: &ClientHello,
+        options: &ConnectOptions,
+    ) -> Result<Self, ConnectError> {
+        PendingConnect::connect_with(endpoint, hello, options)?.complete()
     }
 
     /// Runs the client side of the handshake on a connected stream.
@@ -908,19 +1224,7 @@ impl ClientChannel {
     ///
     /// As [`connect`](Self::connect).
     pub fn handshake(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
-        let mut pending = PendingConnect::start(stream, hello, timeout)?;
-        loop {
-            if pending.poll()? {
-                return pending.finish();
-            }
-            let left = pending.deadline.saturating_duration_since(Instant::now());
-            let mut fds = [PollFd::new(&pending.stream, PollFlags::IN)];
-            let ts = Timespec::try_from(left).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 });
-            match poll(&mut fds, Some(&ts)) {
-                Ok(_) | Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(ConnectError::Io(e.into())),
-            }
-        }
+        PendingConnect::start(stream, hello, timeout)?.complete()
     }
 
     /// Completes a handshake whose reply (and descriptors) arrived: checks

@@ -1,4 +1,5 @@
-//! Peer identity from the kernel: `SO_PEERCRED`.
+//! Peer identity from the kernel (`SO_PEERCRED`), and refusing the
+//! peer's descriptors (`SO_PASSRIGHTS`).
 //!
 //! The server's authentication callback decides on the uid, gid and pid the
 //! kernel recorded when the peer called `connect(2)` (or `socketpair(2)`);
@@ -10,7 +11,8 @@
 //! visible in our pid namespace (e.g. a client in a sibling container
 //! connecting through a shared socket path); materialising that as a `Pid`
 //! would be undefined behaviour, so the raw `ucred` is read here and a
-//! missing pid becomes `None`.
+//! missing pid becomes `None`. rustix has no `SO_PASSRIGHTS` (Linux 6.16)
+//! either, which [`set_pass_rights`] sets.
 
 #![allow(unsafe_code)]
 
@@ -71,6 +73,53 @@ pub fn peer_credentials(sock: impl AsFd) -> io::Result<PeerCred> {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "short SO_PEERCRED reply"));
     }
     Ok(PeerCred { pid: u32::try_from(cred.pid).ok().filter(|&pid| pid != 0), uid: cred.uid, gid: cred.gid })
+}
+
+/// `SO_PASSRIGHTS` (Linux 6.16): whether the socket accepts descriptors
+/// (`SCM_RIGHTS`). 83 in the generic socket option numbering; the
+/// architectures with their own numbering (alpha, mips, parisc, sparc) are
+/// left to the fallback (see [`set_pass_rights`]).
+#[cfg(not(any(
+    target_arch = "mips",
+    target_arch = "mips64",
+    target_arch = "sparc",
+    target_arch = "sparc64"
+)))]
+const SO_PASSRIGHTS: Option<libc::c_int> = Some(83);
+#[cfg(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc", target_arch = "sparc64"))]
+const SO_PASSRIGHTS: Option<libc::c_int> = None;
+
+/// Sets `SO_PASSRIGHTS` on a Unix socket: with `allow` false, the kernel
+/// refuses (`EPERM` to the sender) every message that carries descriptors
+/// towards it, so none ever enters this process. A listener's setting is
+/// inherited by the sockets it accepts, from the moment the peer connects.
+/// Returns `false` if the kernel does not know the option (before 6.16).
+///
+/// # Errors
+///
+/// Any other `setsockopt(2)` error (`ENOTSOCK`, …).
+pub(crate) fn set_pass_rights(sock: impl AsFd, allow: bool) -> io::Result<bool> {
+    let Some(option) = SO_PASSRIGHTS else { return Ok(false) };
+    let value: libc::c_int = allow.into();
+    // SAFETY: `sock` is a live descriptor for the duration of the call;
+    // the option value is a valid `c_int` whose size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOPROTOOPT) | Some(libc::EINVAL) => Ok(false),
+        _ => Err(err),
+    }
 }
 
 #[cfg(test)]

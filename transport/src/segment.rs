@@ -35,7 +35,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::{
-    fcntl_add_seals, fcntl_get_seals, fstat, ftruncate, memfd_create, FileType, MemfdFlags, SealFlags,
+    fcntl_add_seals, fcntl_get_seals, fstat, fstatfs, ftruncate, memfd_create, FileType, MemfdFlags,
+    SealFlags,
 };
 use rustix::io::Errno;
 
@@ -52,6 +53,10 @@ pub const REQUIRED_SEALS: SealFlags = SealFlags::SHRINK.union(SealFlags::GROW).u
 /// The name given to the memfd; visible only in `/proc/<pid>/fd` and
 /// `/proc/<pid>/maps` (as `/memfd:coroipc`), useful when debugging.
 const MEMFD_NAME: &str = "coroipc";
+
+/// `f_type` of the kernel's shmem filesystem (`TMPFS_MAGIC` in
+/// `linux/magic.h`), which `fstatfs` reports for every ordinary memfd.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
 
 /// A sealed, fixed-size memfd mapped shared read/write into this process.
 ///
@@ -109,9 +114,12 @@ impl Segment {
     /// Checks, in order, before anything is mapped:
     /// 1. `expected_len` is in `1..=MAX_SEGMENT_LEN`;
     /// 2. `fstat(2)`: `fd` is a regular file;
-    /// 3. `fcntl(F_GET_SEALS)`: `fd` supports sealing (a memfd or other shmem
+    /// 3. `fstatfs(2)`: the file is on the kernel's shmem filesystem
+    ///    (`TMPFS_MAGIC`, where memfds live), not hugetlbfs (`MFD_HUGETLB`)
+    ///    or anything else;
+    /// 4. `fcntl(F_GET_SEALS)`: `fd` supports sealing (a memfd or other shmem
     ///    file) and carries at least [`REQUIRED_SEALS`];
-    /// 4. `fstat(2)` again: the file is exactly `expected_len` bytes.
+    /// 5. `fstat(2)` again: the file is exactly `expected_len` bytes.
     ///
     /// The size is read only after the seals are known to be set: from then
     /// on it cannot change, so the peer cannot shrink the file between our
@@ -129,6 +137,13 @@ impl Segment {
         let stat = fstat(&fd).map_err(io::Error::from)?;
         if FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile {
             return Err(SegmentOpenError::NotRegularFile);
+        }
+        // Only the kernel's shmem filesystem: memfds live there, and the
+        // seals above make their size final. hugetlbfs memfds take the
+        // seals too, but their pages come from a pool the peer can drain.
+        let fs_type = fstatfs(&fd).map_err(io::Error::from)?.f_type as u64;
+        if fs_type != TMPFS_MAGIC {
+            return Err(SegmentOpenError::NotShmem { fs_type });
         }
         let seals = match fcntl_get_seals(&fd) {
             Ok(seals) => seals,
@@ -262,7 +277,16 @@ pub enum SegmentOpenError {
         /// The `F_SEAL_*` bits that are set.
         present: u32,
     },
-    /// A syscall (`fstat`, `fcntl`, `mmap`) failed.
+    /// The file is not on the kernel's shmem filesystem (`fstatfs`
+    /// `f_type` is not `TMPFS_MAGIC`), e.g. a hugetlbfs memfd
+    /// (`MFD_HUGETLB`, `HUGETLBFS_MAGIC` = `0x958458f6`), whose pages come
+    /// from the huge page pool: a peer that punches a hole and drains the
+    /// pool would make the next touch of the mapping a SIGBUS.
+    NotShmem {
+        /// The filesystem's `f_type`.
+        fs_type: u64,
+    },
+    /// A syscall (`fstat`, `fstatfs`, `fcntl`, `mmap`) failed.
     Io(io::Error),
 }
 
@@ -277,6 +301,9 @@ impl fmt::Display for SegmentOpenError {
             Self::NotSealable => f.write_str("segment is not a memfd"),
             Self::MissingSeals { present } => {
                 write!(f, "segment is not sealed against resizing (seals {present:#x})")
+            }
+            Self::NotShmem { fs_type } => {
+                write!(f, "segment is not an ordinary memfd (filesystem type {fs_type:#x})")
             }
             Self::Io(_) => f.write_str("cannot open segment"),
         }

@@ -17,8 +17,23 @@
 //!   ([`peer_credentials`]).
 //!
 //! Received descriptors are always close-on-exec (`MSG_CMSG_CLOEXEC`), and a
-//! message whose descriptors did not all fit (`MSG_CTRUNC`) is an error, not
-//! a silent loss: the descriptors that did arrive are closed.
+//! message with more descriptors than were asked for is an error, not a
+//! silent loss.
+//!
+//! **Peer-supplied descriptors are never closed inline.** The last close of
+//! a descriptor can block: a TCP socket with `SO_LINGER` and unsent data
+//! waits up to its linger time in `close(2)`. A peer that passes such a
+//! socket could otherwise freeze whichever thread drops it — the server's
+//! event loop, or a client past its deadline. So:
+//!
+//! - a [`Listener`] refuses descriptors altogether (`SO_PASSRIGHTS` off,
+//!   Linux 6.16 and later; inherited by every accepted socket from the
+//!   moment the peer connects): the sender gets `EPERM`, nothing arrives;
+//! - every receive ([`recv_with_fds`]) has room for the most descriptors a
+//!   message can carry, so the kernel never drops some itself, and the
+//!   unwanted ones go to [`close_in_background`], a dedicated closer thread;
+//! - where the kernel cannot refuse descriptors, a socket that may still
+//!   hold some queued is released with [`release_in_background`].
 
 use std::fmt;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -29,6 +44,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, OnceLock};
 
 use rustix::io::Errno;
 use rustix::net::{
@@ -37,6 +54,7 @@ use rustix::net::{
     SocketFlags, SocketType,
 };
 
+use crate::peercred::set_pass_rights;
 pub use crate::peercred::{peer_credentials, PeerCred};
 
 /// The most descriptors one message may carry (the kernel's `SCM_MAX_FD`).
@@ -166,7 +184,9 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds and listens on `endpoint`, in nonblocking, close-on-exec mode.
+    /// Binds and listens on `endpoint`, in nonblocking, close-on-exec mode,
+    /// refusing descriptors from clients (`SO_PASSRIGHTS` off, where the
+    /// kernel has it: see the [module docs](self)).
     ///
     /// If a path endpoint is taken by a socket file on which nothing
     /// listens (connecting is refused: its server died without cleaning
@@ -183,14 +203,42 @@ impl Listener {
     /// `socket`/`bind`/`listen` error (e.g. `EACCES`, `ENOENT` for a missing
     /// directory).
     pub fn bind(endpoint: &Endpoint) -> io::Result<Self> {
+        Self::bind_with(endpoint, &PathPermissions::default())
+    }
+
+    /// [`bind`](Self::bind), giving a path endpoint's socket file the
+    /// mode and owner in `permissions` **before** it listens: until then a
+    /// `connect(2)` is refused, so no client ever reaches the socket under
+    /// the permissions it was created with (the process umask's).
+    ///
+    /// The mode and owner are applied by path, between `bind(2)` and
+    /// `listen(2)`: whoever can write the socket's directory could swap
+    /// the file in between (as they could delete it at any time), so put
+    /// the socket in a directory only the server's user can write.
+    ///
+    /// # Errors
+    ///
+    /// As [`bind`](Self::bind), plus [`io::ErrorKind::InvalidInput`] for
+    /// permissions on an abstract endpoint (abstract names have none), and
+    /// the `chmod(2)`/`chown(2)` error (`EPERM` to give the file away
+    /// without privilege); the socket file is removed again then.
+    pub fn bind_with(endpoint: &Endpoint, permissions: &PathPermissions) -> io::Result<Self> {
         let (inner, socket_file) = match endpoint {
-            Endpoint::Abstract(_) => (UnixListener::bind_addr(&endpoint.socket_addr()?)?, None),
+            Endpoint::Abstract(_) => {
+                if *permissions != PathPermissions::default() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "abstract socket names have no mode or owner",
+                    ));
+                }
+                (UnixListener::bind_addr(&endpoint.socket_addr()?)?, None)
+            }
             Endpoint::Path(path) => {
                 let path = std::path::absolute(path)?;
-                let inner = match UnixListener::bind(&path) {
+                let inner = match bind_path(&path, permissions) {
                     Err(e) if e.kind() == io::ErrorKind::AddrInUse && is_stale_socket(&path) => {
                         std::fs::remove_file(&path)?;
-                        UnixListener::bind(&path)?
+                        bind_path(&path, permissions)?
                     }
                     other => other?,
                 };
@@ -199,6 +247,7 @@ impl Listener {
             }
         };
         inner.set_nonblocking(true)?;
+        refuse_descriptors(&inner)?;
         Ok(Self { inner, endpoint: endpoint.clone(), socket_file })
     }
 
@@ -218,7 +267,14 @@ impl Listener {
     pub fn try_accept(&self) -> io::Result<Option<Stream>> {
         loop {
             match self.inner.accept() {
-                Ok((stream, _addr)) => return Ok(Some(Stream { inner: stream })),
+                Ok((stream, _addr)) => {
+                    // Inherited from the listener already; set again in case
+                    // the kernel did not copy it (a failure here changes
+                    // nothing: `recv_with_fds` still hands descriptors to
+                    // the closer thread).
+                    let _ = refuse_descriptors(&stream);
+                    return Ok(Some(Stream { inner: stream }));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e)
                     if e.kind() == io::ErrorKind::Interrupted
@@ -265,6 +321,49 @@ impl Drop for Listener {
     }
 }
 
+/// The mode and owner of a path endpoint's socket file
+/// ([`Listener::bind_with`]); `None` fields are left as `bind(2)` made
+/// them (mode from the umask, owner the server's user).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PathPermissions {
+    /// Permission bits (e.g. `0o660`: owner and group may connect; connect
+    /// needs write permission on the socket file).
+    pub mode: Option<u32>,
+    /// The owning user.
+    pub uid: Option<u32>,
+    /// The owning group.
+    pub gid: Option<u32>,
+}
+
+/// Binds a path socket, applies `permissions` to its file, then listens.
+fn bind_path(path: &Path, permissions: &PathPermissions) -> io::Result<UnixListener> {
+    use rustix::fs::{chmod, chownat, AtFlags, Gid, Mode, Uid, CWD};
+    let fd = socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    let applied = (|| -> io::Result<()> {
+        if permissions.uid.is_some() || permissions.gid.is_some() {
+            // Not following a symlink someone put in the socket's place.
+            chownat(
+                CWD,
+                path,
+                permissions.uid.map(Uid::from_raw),
+                permissions.gid.map(Gid::from_raw),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        if let Some(mode) = permissions.mode {
+            chmod(path, Mode::from_raw_mode(mode))?;
+        }
+        rustix::net::listen(&fd, 128)?;
+        Ok(())
+    })();
+    if let Err(e) = applied {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from(fd))
+}
+
 /// Whether `path` is a socket file on which nobody listens.
 ///
 /// The probe connects without blocking: a live server whose accept backlog
@@ -297,8 +396,10 @@ pub struct Stream {
 impl Stream {
     /// Connects to a server's endpoint. The stream is in blocking mode.
     ///
-    /// Note that `connect(2)` on a Unix stream socket blocks while the
-    /// server's accept backlog is full.
+    /// Note that `connect(2)` on a Unix stream socket blocks, without a
+    /// bound, while the server's accept backlog is full; use
+    /// [`connect_nonblocking`](Self::connect_nonblocking) when a deadline
+    /// matters (the handshake in [`crate::channel`] does).
     ///
     /// # Errors
     ///
@@ -311,6 +412,56 @@ impl Stream {
             Endpoint::Abstract(_) => UnixStream::connect_addr(&endpoint.socket_addr()?)?,
         };
         Ok(Self { inner })
+    }
+
+    /// Starts connecting to a server's endpoint without blocking: the
+    /// socket is nonblocking and close-on-exec from the start, and the
+    /// boolean says whether the connection is established (`true`) or the
+    /// server's accept backlog is full (`false`: nothing is queued; call
+    /// [`retry_connect`](Self::retry_connect) later, the kernel offers no
+    /// readiness event for "the backlog has room").
+    ///
+    /// # Errors
+    ///
+    /// The `socket(2)`/`connect(2)` error: `ECONNREFUSED` (nobody listens),
+    /// `ENOENT` (no such path), `EACCES`, …
+    #[doc(alias = "coroipcc_service_connect")]
+    pub fn connect_nonblocking(endpoint: &Endpoint) -> io::Result<(Self, bool)> {
+        let fd = socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        let stream = Self { inner: UnixStream::from(fd) };
+        let connected = stream.retry_connect(endpoint)?;
+        Ok((stream, connected))
+    }
+
+    /// Tries again to connect a socket from
+    /// [`connect_nonblocking`](Self::connect_nonblocking) whose server had
+    /// a full backlog; never blocks. `true` once connected (also if it
+    /// already was).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect_nonblocking`](Self::connect_nonblocking).
+    pub fn retry_connect(&self, endpoint: &Endpoint) -> io::Result<bool> {
+        let addr = match endpoint {
+            Endpoint::Path(path) => SocketAddrUnix::new(path.as_path())?,
+            Endpoint::Abstract(name) => SocketAddrUnix::new_abstract_name(name)?,
+        };
+        loop {
+            return match connect(&self.inner, &addr) {
+                Ok(()) | Err(Errno::ISCONN) => Ok(true),
+                // A full backlog (`EAGAIN`); `EINPROGRESS`/`EALREADY` are
+                // what other socket families answer for a connect under
+                // way, which a later call completes (`EISCONN`) or fails.
+                Err(Errno::AGAIN | Errno::INPROGRESS | Errno::ALREADY) => Ok(false),
+                Err(Errno::INTR) => continue,
+                Err(e) => Err(e.into()),
+            };
+        }
     }
 
     /// A connected pair, as from `socketpair(2)` (for tests and in-process
@@ -470,12 +621,13 @@ pub fn send_with_fds(sock: impl AsFd, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> i
 ///
 /// # Errors
 ///
-/// - [`SocketRecvError::ControlTruncated`] if the peer sent more
-///   descriptors than fit (`MSG_CTRUNC`), and
-///   [`SocketRecvError::TooManyFds`] if more than `max_fds` arrived anyway
-///   (control space is rounded up). In both cases every descriptor that did
-///   arrive is closed, and the bytes read are lost: treat the stream as
-///   broken.
+/// - [`SocketRecvError::TooManyFds`] if more than `max_fds` arrived (the
+///   control buffer has room for [`MAX_FDS_PER_MESSAGE`], so the kernel
+///   itself drops none), and [`SocketRecvError::ControlTruncated`] if the
+///   kernel truncated the control data anyway (`MSG_CTRUNC`). In both
+///   cases every descriptor that did arrive goes to the closer thread
+///   ([`close_in_background`]: its close may block), and the bytes read are
+///   lost: treat the stream as broken.
 /// - [`SocketRecvError::Io`] for the `recvmsg(2)` error (`EAGAIN` on a
 ///   nonblocking socket, `ECONNRESET`, …); `EINTR` is retried.
 pub fn recv_with_fds(
@@ -484,11 +636,9 @@ pub fn recv_with_fds(
     max_fds: usize,
 ) -> Result<(usize, Vec<OwnedFd>), SocketRecvError> {
     let max_fds = max_fds.min(MAX_FDS_PER_MESSAGE);
-    let mut space = if max_fds == 0 {
-        Vec::new()
-    } else {
-        vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(max_fds))]
-    };
+    // Room for every descriptor one message can carry: a short control
+    // buffer would make the kernel close the rest itself, in this thread.
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let msg = loop {
         match recvmsg(&sock, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC) {
@@ -503,11 +653,12 @@ pub fn recv_with_fds(
             fds.extend(received);
         }
     }
-    // Dropping `fds` on the error paths closes what did arrive.
     if msg.flags.contains(ReturnFlags::CTRUNC) {
+        fds.into_iter().for_each(close_in_background);
         return Err(SocketRecvError::ControlTruncated);
     }
     if fds.len() > max_fds {
+        fds.into_iter().for_each(close_in_background);
         return Err(SocketRecvError::TooManyFds { max: max_fds });
     }
     Ok((msg.bytes, fds))
@@ -524,7 +675,8 @@ pub fn recv_with_fds(
 ///
 /// As [`recv_with_fds`], plus [`SocketRecvError::Io`] with
 /// [`io::ErrorKind::UnexpectedEof`] if the stream ends before `buf` is
-/// full. Descriptors received before an error are closed.
+/// full. Descriptors received before an error are closed on the closer
+/// thread ([`close_in_background`]).
 pub fn recv_exact_with_fds(
     sock: impl AsFd,
     buf: &mut [u8],
@@ -534,14 +686,90 @@ pub fn recv_exact_with_fds(
     let mut fds = Vec::new();
     let mut filled = 0;
     while filled < buf.len() {
-        let (n, more) = recv_with_fds(sock.as_fd(), &mut buf[filled..], max_fds - fds.len())?;
+        let (n, more) = match recv_with_fds(sock.as_fd(), &mut buf[filled..], max_fds - fds.len()) {
+            Ok(got) => got,
+            Err(e) => {
+                fds.into_iter().for_each(close_in_background);
+                return Err(e);
+            }
+        };
+        fds.extend(more);
         if n == 0 {
+            fds.into_iter().for_each(close_in_background);
             return Err(SocketRecvError::Io(io::ErrorKind::UnexpectedEof.into()));
         }
         filled += n;
-        fds.extend(more);
     }
     Ok(fds)
+}
+
+/// Closes `fd` on the crate's closer thread, never in the caller's: for
+/// descriptors a peer sent, whose last close may block (a lingering TCP
+/// socket waits in `close(2)` up to its `SO_LINGER` time). The thread is
+/// started on first use and closes descriptors one by one, in order; if it
+/// cannot be started, `fd` is closed here.
+pub fn close_in_background(fd: OwnedFd) {
+    static CLOSER: OnceLock<Option<mpsc::Sender<OwnedFd>>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<OwnedFd>();
+        std::thread::Builder::new()
+            .name("coroipc-closer".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .ok()
+            .map(|_| tx)
+    });
+    match closer {
+        // The receiver lives as long as the process; a failed send hands
+        // the descriptor back, closed here.
+        Some(tx) => {
+            if let Err(mpsc::SendError(fd)) = tx.send(fd) {
+                drop(fd);
+            }
+        }
+        None => drop(fd),
+    }
+}
+
+/// Whether every listener so far could refuse descriptors
+/// (`SO_PASSRIGHTS`): then no socket it accepted can hold a peer's
+/// descriptor, and none needs [`release_in_background`].
+static PASS_RIGHTS_REFUSED: AtomicBool = AtomicBool::new(true);
+
+/// Refuses descriptors on `sock`; records a kernel without the option.
+fn refuse_descriptors(sock: impl AsFd) -> io::Result<()> {
+    if !set_pass_rights(sock, false)? {
+        PASS_RIGHTS_REFUSED.store(false, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Stops `sock` from receiving descriptors from now on (`SO_PASSRIGHTS`
+/// off, Linux 6.16 and later); `Ok(false)` if the kernel cannot.
+/// Descriptors already queued stay queued.
+///
+/// # Errors
+///
+/// The `setsockopt(2)` error, other than "unknown option".
+pub fn stop_descriptors(sock: impl AsFd) -> io::Result<bool> {
+    set_pass_rights(sock, false)
+}
+
+/// Makes sure the **last** close of the socket `sock` — which also drops
+/// the descriptors the peer left queued in it, unread — happens on the
+/// closer thread ([`close_in_background`]): hangs the socket up now
+/// (`shutdown`, so the peer learns at once) and hands a duplicate to the
+/// closer, so that the caller's own close is never the last.
+///
+/// With `accepted` set (a socket from a [`Listener`]) it does nothing when
+/// the kernel refused descriptors to every listener: nothing can be queued.
+pub fn release_in_background(sock: BorrowedFd<'_>, accepted: bool) {
+    if accepted && PASS_RIGHTS_REFUSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let _ = rustix::net::shutdown(sock, rustix::net::Shutdown::Both);
+    if let Ok(dup) = sock.try_clone_to_owned() {
+        close_in_background(dup);
+    }
 }
 
 /// Why [`recv_with_fds`] failed.
@@ -793,6 +1021,34 @@ mod tests {
     }
 
     #[test]
+    fn path_endpoint_gets_its_mode_and_owner_before_it_listens() {
+        let tmp = TempSock::new("mode");
+        let ep = Endpoint::Path(tmp.path.clone());
+        let root = rustix::process::geteuid().is_root();
+        let permissions =
+            PathPermissions { mode: Some(0o600), uid: root.then_some(65534), gid: root.then_some(65534) };
+        let listener = Listener::bind_with(&ep, &permissions).unwrap();
+        let meta = std::fs::symlink_metadata(&tmp.path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        if root {
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        }
+        // It listens: a client connects.
+        let _client = Stream::connect(&ep).unwrap();
+        accept_within(&listener, Duration::from_secs(5));
+        drop(listener);
+        assert!(!tmp.path.exists());
+    }
+
+    #[test]
+    fn abstract_endpoint_has_no_permissions_to_set() {
+        let ep = unique_abstract_endpoint("perm");
+        let permissions = PathPermissions { mode: Some(0o600), ..PathPermissions::default() };
+        assert_eq!(Listener::bind_with(&ep, &permissions).unwrap_err().kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
     fn abstract_endpoint_in_use_is_refused() {
         let ep = unique_abstract_endpoint("inuse");
         let _first = Listener::bind(&ep).unwrap();
@@ -846,7 +1102,7 @@ mod tests {
         a.send_with_fds(b"x", &[efd.as_fd()]).unwrap();
         let mut buf = [0u8; 1];
         let err = b.recv_with_fds(&mut buf, 0).unwrap_err();
-        assert!(matches!(err, SocketRecvError::ControlTruncated), "{err:?}");
+        assert!(matches!(err, SocketRecvError::TooManyFds { max: 0 }), "{err:?}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use coroipc_transport::handshake::{
 use coroipc_transport::segment::{Segment, SegmentOpenError};
 use coroipc_transport::socket::{Endpoint, Listener, Stream};
 use coroipc_transport::waiter::{SleepMode, WaitPolicy};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fs::{fcntl_add_seals, ftruncate, memfd_create, MemfdFlags, SealFlags};
 
 const T: Duration = Duration::from_secs(10);
@@ -45,7 +46,27 @@ const SERVER_STATE_AT: u64 = 128;
 #[test]
 #[ignore = "helper: runs as a child process of the other tests"]
 fn child() {
-    child_main(|_| false);
+    child_main(|role| match role {
+        "squatter" => {
+            squatter();
+            true
+        }
+        _ => false,
+    });
+}
+
+/// The uid a squatter drops to (`nobody`).
+const SQUATTER_UID: u32 = 65534;
+
+/// Role `squatter`: becomes [`SQUATTER_UID`] (this thread, which is the one
+/// that listens: the kernel records its credentials), binds the endpoint
+/// first, reports `@@READY uid=…` and holds it until stdin closes, never
+/// accepting.
+fn squatter() {
+    rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(SQUATTER_UID)).expect("setuid");
+    let _listener = Listener::bind(&env_endpoint()).expect("bind");
+    report("READY", &format!("uid={}", rustix::process::geteuid().as_raw()));
+    while read_stdin_line().is_some() {}
 }
 
 // ---------------------------------------------------------------------------
@@ -340,6 +361,60 @@ fn pipe_or_socket_as_segment_is_refused() {
     assert!(matches!(err, ConnectError::Segment(SegmentOpenError::NotRegularFile)), "{err:?}");
 }
 
+/// The huge page size hugetlbfs memfds use here (`MFD_HUGETLB` without a
+/// size flag takes the default, 2 MiB on x86-64).
+const HUGE_PAGE: u64 = 2 << 20;
+
+/// A sealed `MFD_HUGETLB` memfd of one huge page, or `None` where the
+/// kernel has no hugetlbfs.
+fn hugetlb_memfd() -> Option<OwnedFd> {
+    let fd = memfd_create("coroipc", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB)
+        .ok()?;
+    ftruncate(&fd, HUGE_PAGE).ok()?;
+    fcntl_add_seals(&fd, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL).ok()?;
+    Some(fd)
+}
+
+/// A hugetlbfs memfd passes every seal and size check, but its pages come
+/// from the huge page pool: a hostile server that punches a hole in it and
+/// drains the pool makes the client's next touch a SIGBUS. The client
+/// accepts only ordinary shmem memfds and refuses it before mapping it.
+/// (Whether the pool has pages does not matter for the verdict: the refusal
+/// comes from `fstatfs` before `mmap`.)
+#[test]
+fn hugetlbfs_memfd_is_refused_before_it_is_mapped() {
+    let Some(probe) = hugetlb_memfd() else {
+        eprintln!("no hugetlbfs memfds on this kernel: covered by the non-shmem check below only");
+        return;
+    };
+    drop(probe);
+    let err = connect_error("hugetlb-segment", move |stream| {
+        let mut setup = Setup::new();
+        // The same layout in a segment of one huge page (hugetlbfs sizes
+        // are whole huge pages).
+        setup.accepted.layout.segment_len = HUGE_PAGE;
+        let fd = hugetlb_memfd().expect("made above");
+        let mut fds = setup.fds();
+        fds[0] = fd.as_fd();
+        stream.send_with_fds(&ServerReply::Accepted(setup.accepted).encode(), &fds).unwrap();
+        hold_until_closed(&stream);
+    });
+    assert!(matches!(err, ConnectError::Segment(SegmentOpenError::NotShmem { .. })), "{err:?}");
+}
+
+/// Over the segment API: a hugetlbfs memfd is refused with its filesystem
+/// type, an ordinary sealed memfd passes. (A file on disk is refused
+/// earlier: it cannot be sealed, `unsealed_memfd_is_refused`'s class.)
+#[test]
+fn segment_from_fd_accepts_only_shmem() {
+    if let Some(fd) = hugetlb_memfd() {
+        let err = Segment::from_fd(fd, HUGE_PAGE).expect_err("hugetlbfs");
+        assert!(matches!(err, SegmentOpenError::NotShmem { fs_type: 0x9584_58f6 }), "{err:?}");
+    }
+    let ok = Segment::from_fd(memfd(4096, SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL), 4096);
+    assert!(ok.is_ok(), "an ordinary sealed memfd: {ok:?}");
+}
+
 #[test]
 fn pipe_instead_of_an_eventfd_is_refused() {
     for slot in 1..4 {
@@ -623,4 +698,169 @@ fn server_making_shared_eventfds_blocking_cannot_hang_the_client() {
         client.close();
     });
     server.join();
+}
+
+// ---------------------------------------------------------------------------
+// A server that never accepts: connect honours its deadline
+// ---------------------------------------------------------------------------
+
+/// A listener that never accepts, with its accept backlog filled by
+/// connections that never say hello; returns it with the queued sockets.
+fn full_backlog(tag: &str) -> (Endpoint, Listener, Vec<OwnedFd>) {
+    use rustix::net::{connect, socket_with, AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let endpoint = abstract_endpoint(tag);
+    let listener = Listener::bind(&endpoint).expect("bind");
+    let Endpoint::Abstract(name) = &endpoint else { unreachable!() };
+    let addr = SocketAddrUnix::new_abstract_name(name).expect("address");
+    let mut queued = Vec::new();
+    loop {
+        let s = socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )
+        .expect("socket");
+        match connect(&s, &addr) {
+            Ok(()) => queued.push(s),
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(e) => panic!("unexpected connect error {e}"),
+        }
+        assert!(queued.len() < 100_000, "the backlog never filled");
+    }
+    (endpoint, listener, queued)
+}
+
+#[test]
+fn blocking_connect_to_a_full_backlog_times_out_at_its_deadline() {
+    let (endpoint, _listener, _queued) = full_backlog("backlog-blocking");
+    let start = Instant::now();
+    let err = within(T, "connect to a full backlog", move || {
+        ClientChannel::connect(&endpoint, &hello(SERVICE_ECHO, SMALL), Duration::from_secs(1))
+    })
+    .expect_err("nobody accepts");
+    let took = start.elapsed();
+    assert!(matches!(err, ConnectError::Timeout), "{err:?}");
+    assert!(took < Duration::from_secs(5), "a 1 s connect took {took:?}");
+}
+
+#[test]
+fn nonblocking_connect_to_a_full_backlog_returns_at_once_then_connects_when_room_appears() {
+    use coroipc_transport::channel::PendingConnect;
+    use coroipc_transport::handshake::Refusal;
+    let (endpoint, listener, queued) = full_backlog("backlog-nonblocking");
+    let ep = endpoint.clone();
+    // Must return without waiting for the backlog (a hang fails here).
+    let mut pending = within(T, "connect_nonblocking to a full backlog", move || {
+        PendingConnect::connect(&ep, &hello(SERVICE_ECHO, SMALL), T)
+    })
+    .expect("a full backlog is not an error for a nonblocking connect");
+    assert!(!pending.poll().expect("still connecting"), "nobody accepted yet");
+    // Room appears: the server accepts the queued ones and answers the
+    // next hello with a refusal, which proves the pending client connected,
+    // sent its hello and read the reply.
+    let server = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        let deadline = Instant::now() + T;
+        let mut accepted = 0;
+        loop {
+            match listener.try_accept().expect("accept") {
+                Some(stream) if accepted < queued.len() => {
+                    drop(stream);
+                    accepted += 1;
+                }
+                Some(stream) => {
+                    stream.as_std().set_read_timeout(Some(T)).unwrap();
+                    let mut hello = [0u8; HELLO_LEN];
+                    stream.as_std().read_exact(&mut hello).expect("the pending client's hello");
+                    stream.send_with_fds(&ServerReply::Refused(Refusal::AccessDenied).encode(), &[]).unwrap();
+                    hold_until_closed(&stream);
+                    return;
+                }
+                None => {
+                    assert!(Instant::now() < deadline, "the pending client never arrived");
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    });
+    let result = within(T + T, "pending connect", move || {
+        let deadline = Instant::now() + T;
+        loop {
+            match pending.poll() {
+                Ok(true) => return pending.finish().map(|_| ()),
+                Ok(false) => {}
+                Err(e) => return Err(e),
+            }
+            assert!(Instant::now() < deadline, "the pending connect never completed");
+            let fd = pending.fd();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let ts = Timespec { tv_sec: 1, tv_nsec: 0 };
+            let _ = poll(&mut fds, Some(&ts));
+        }
+    });
+    assert!(matches!(result, Err(ConnectError::Refused(Refusal::AccessDenied))), "{result:?}");
+    server.join().expect("server thread");
+}
+
+#[test]
+fn nonblocking_connect_to_a_full_backlog_times_out_at_its_deadline() {
+    use coroipc_transport::channel::PendingConnect;
+    let (endpoint, _listener, _queued) = full_backlog("backlog-nonblocking-timeout");
+    let start = Instant::now();
+    let err = within(T, "nonblocking connect to a full backlog", move || {
+        let mut pending =
+            PendingConnect::connect(&endpoint, &hello(SERVICE_ECHO, SMALL), Duration::from_secs(1))?;
+        loop {
+            if pending.poll()? {
+                return pending.finish().map(|_| ());
+            }
+            let fd = pending.fd();
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let ts = Timespec { tv_sec: 1, tv_nsec: 0 };
+            let _ = poll(&mut fds, Some(&ts));
+        }
+    })
+    .expect_err("nobody accepts");
+    let took = start.elapsed();
+    assert!(matches!(err, ConnectError::Timeout), "{err:?}");
+    assert!(took < Duration::from_secs(5), "a 1 s connect took {took:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Endpoint squatting
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_client_requiring_the_server_uid_refuses_a_squatter_before_saying_hello() {
+    use coroipc_transport::channel::ConnectOptions;
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("needs root to run a squatter as another user: skipped");
+        return;
+    }
+    let ep = abstract_endpoint("squatter");
+    let mut squatter = spawn_child("squatter", &[(EP, ep.to_string())]);
+    let ready = squatter.expect("READY", T);
+    assert_eq!(num(&ready, "uid"), u64::from(SQUATTER_UID));
+    let options = ConnectOptions::new(Duration::from_secs(2)).require_server_uid(0);
+    let err = within(T, "connect to a squatter", move || {
+        ClientChannel::connect_with(&ep, &hello(SERVICE_ECHO, SMALL), &options).map(|_| ())
+    })
+    .expect_err("a squatter is not the server");
+    assert!(matches!(err, ConnectError::WrongServer { expected: 0, actual: SQUATTER_UID }), "{err:?}");
+}
+
+#[test]
+fn a_client_requiring_the_server_uid_connects_to_the_right_server() {
+    use coroipc_transport::channel::ConnectOptions;
+    let ep = abstract_endpoint("right-uid");
+    let mut server = spawn_child("server", &[(EP, ep.to_string())]);
+    server.expect("READY", T);
+    let me = rustix::process::geteuid().as_raw();
+    let options = ConnectOptions::new(T).require_server_uid(me);
+    let mut client = within(T + T, "connect", move || {
+        ClientChannel::connect_with(&ep, &hello(SERVICE_ECHO, SMALL), &options)
+    })
+    .expect("the server runs as our uid");
+    echo_round_trip(&mut client, 1, T);
 }

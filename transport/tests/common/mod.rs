@@ -860,3 +860,44 @@ pub fn within<T: Send + 'static>(timeout: Duration, what: &str, f: impl FnOnce()
 pub fn connect_err_name(e: &ConnectError) -> String {
     format!("{e:?}")
 }
+
+// ---------------------------------------------------------------------------
+// Descriptors whose last close blocks
+// ---------------------------------------------------------------------------
+
+/// A loopback TCP socket (127.0.0.1 only) whose **last** close blocks for
+/// up to `linger`: `SO_LINGER` on, and unsent data queued towards a peer
+/// that never reads (a listener that never accepts). A hostile peer passes
+/// it with `SCM_RIGHTS` and drops its own copy, so that the receiver's
+/// kernel runs that close in whichever thread drops the last reference.
+///
+/// Returns the socket and the [`LingerGuard`] keeping its peer; dropping
+/// the guard resets the connection, which ends any lingering close.
+pub fn lingering_socket(linger: Duration) -> (std::os::fd::OwnedFd, LingerGuard) {
+    use rustix::net::sockopt::{set_socket_linger, set_socket_recv_buffer_size, set_socket_send_buffer_size};
+    use std::io::Write;
+    let peer = std::net::TcpListener::bind("127.0.0.1:0").expect("loopback listener");
+    set_socket_recv_buffer_size(&peer, 4096).expect("small receive buffer");
+    let mut stream = std::net::TcpStream::connect(peer.local_addr().unwrap()).expect("loopback connect");
+    set_socket_send_buffer_size(&stream, 4096).expect("small send buffer");
+    stream.set_nonblocking(true).unwrap();
+    let chunk = [0x55u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match stream.write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("filling the loopback socket: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the loopback socket never filled");
+    }
+    set_socket_linger(&stream, Some(linger)).expect("SO_LINGER");
+    (stream.into(), LingerGuard { _peer: peer })
+}
+
+/// The never-reading peer of a [`lingering_socket`]; dropping it resets
+/// the connection (the listener discards its unaccepted connections with
+/// a reset), so a close still lingering on it returns.
+pub struct LingerGuard {
+    _peer: std::net::TcpListener,
+}
