@@ -584,8 +584,12 @@ fn handle_control(handle: &ServerHandle, line: &str) {
             report("OK", "");
         }
         ["shutdown"] => {
-            handle.shutdown();
+            // Acknowledged first: once the loop stops, the main thread
+            // reports STOPPED and the process exits, possibly before this
+            // thread got to print anything after `shutdown()` (the parent
+            // then saw stdout close before OK).
             report("OK", "");
+            handle.shutdown();
         }
         _ => report("UNKNOWN_COMMAND", line),
     }
