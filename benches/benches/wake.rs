@@ -268,12 +268,12 @@ impl Peer {
             Ends::Ours(ch) => {
                 let hdr = MessageHeader { id: 1, flags: 0, seq }.encode();
                 let body = [0x5au8; MESSAGE - HEADER_LEN];
-                ch.send(&[IoSlice::new(&hdr), IoSlice::new(&body)], None).expect("send request");
-                ch.wait_response(None).expect("wait response");
-                let r = ch.peek_response().expect("peek").expect("a response");
+                ch.requests().send(&[IoSlice::new(&hdr), IoSlice::new(&body)], None).expect("send request");
+                ch.requests().wait_response(None).expect("wait response");
+                let r = ch.requests().peek_response().expect("peek").expect("a response");
                 assert_eq!(r.len(), MESSAGE);
                 assert_eq!(MessageHeader::decode(r).expect("header").seq, seq, "response echoes seq");
-                ch.release_response();
+                ch.requests().release_response();
             }
         }
     }

@@ -60,6 +60,11 @@ pub enum Error {
         /// The message length.
         needed: usize,
     },
+    /// The calling thread holds a zero-copy guard ([`ResponseGuard`](crate::ResponseGuard)
+    /// or [`DispatchGuard`](crate::DispatchGuard)) of this client that the
+    /// call would have to wait for: waiting would deadlock, so the call
+    /// fails at once. Drop the guard first.
+    GuardHeld,
     /// A service-defined error code.
     Service(u32),
     /// The server broke the protocol (bad handshake, bad shared memory).
@@ -85,6 +90,9 @@ impl fmt::Display for Error {
             Self::VersionMismatch => f.write_str("protocol version mismatch"),
             Self::NoMemory => f.write_str("server memory budget exhausted"),
             Self::BufferTooSmall { needed } => write!(f, "buffer too small: message has {needed} bytes"),
+            Self::GuardHeld => {
+                f.write_str("this thread holds a zero-copy guard of the client the call needs")
+            }
             Self::Service(code) => write!(f, "service error {code}"),
             Self::Protocol(what) => write!(f, "protocol error: {what}"),
             Self::Io(e) => write!(f, "{e}"),

@@ -288,10 +288,65 @@ impl Consumer {
         WaitHandle::new(&self.ring.header().space_wait.0, self.ring.region())
     }
 
+    /// The local consumer position: where the next unread record starts.
+    /// After a [`try_peek`](Self::try_peek) that found the ring empty it
+    /// equals the producer position last seen, which is what
+    /// [`DataWatch::published_past`] compares with.
+    pub fn position(&self) -> u64 {
+        self.head
+    }
+
+    /// An owned watch on the producer position and the data wait point,
+    /// for a thread that waits for data without holding the consumer
+    /// (which sits behind a lock other threads need meanwhile).
+    pub fn data_watch(&self) -> DataWatch {
+        DataWatch { ring: self.ring.clone() }
+    }
+
     /// Where producers sleep waiting for space; call
     /// [`WaitPoint::notify`] on it after releasing records.
     pub fn space_wait(&self) -> WaitPoint<'_> {
         WaitPoint::new(&self.ring.header().space_wait.0)
+    }
+}
+
+/// An owned, shareable watch on a ring's producer position and data wait
+/// point ([`Consumer::data_watch`]): lets a thread sleep until the producer
+/// publishes past a position the consumer saw, while the consumer itself
+/// stays with whoever holds it. It reads only the producer position (one
+/// atomic load, trusted for nothing but "something changed": the consumer
+/// validates whatever it then peeks).
+#[derive(Clone)]
+pub struct DataWatch {
+    ring: RingRef,
+}
+
+impl std::fmt::Debug for DataWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataWatch").finish_non_exhaustive()
+    }
+}
+
+impl DataWatch {
+    /// Whether the producer position differs from `position` (a
+    /// [`Consumer::position`] taken when the ring was seen empty): a record
+    /// or padding was published since, or the position is corrupt (the
+    /// consumer's next peek reports that).
+    #[inline]
+    pub fn published_past(&self, position: u64) -> bool {
+        // SYNC TAIL (as in `Consumer::load_tail`).
+        self.ring.header().tail.0.load(Ordering::Acquire) != position
+    }
+
+    /// The flow-control state in the shared header (as
+    /// [`Consumer::flow_state`]).
+    pub fn flow_state(&self) -> FlowState {
+        FlowState::from_word(self.ring.header().flow.0.load(Ordering::Relaxed))
+    }
+
+    /// The consumer's data wait point (as [`Consumer::data_wait`]).
+    pub fn data_wait(&self) -> WaitPoint<'_> {
+        WaitPoint::new(&self.ring.header().data_wait.0)
     }
 }
 

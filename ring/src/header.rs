@@ -207,7 +207,9 @@ pub(crate) struct Layout {
 }
 
 /// An attached ring: header and data pointers plus the region keeping them
-/// alive. Shared by every endpoint type.
+/// alive. Shared by every endpoint type; a clone is another view of the same
+/// ring (it keeps the region alive on its own).
+#[derive(Clone)]
 pub(crate) struct RingRef {
     header: NonNull<RingHeader>,
     pub(crate) data: Data,

@@ -72,7 +72,7 @@ pub mod fuzz;
 #[doc(hidden)]
 pub mod model;
 
-pub use consumer::{Consumer, ReadGrant};
+pub use consumer::{Consumer, DataWatch, ReadGrant};
 pub use error::{Corruption, PopError, PushError, RingAttachError, RingInitError};
 pub use flow::{FlowChange, FlowState, Watermarks};
 pub use header::{

@@ -45,7 +45,6 @@ use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
 
 use crate::bell::Bell;
 use crate::control::{Control, DisconnectReason, Side, CONTROL_LEN};
-use crate::eventfd::EventFd;
 use crate::handshake::{
     Accepted, ClientHello, HandshakeDecodeError, Refusal, Region, RingSizes, SegmentLayout, ServerReply,
     HELLO_LEN, MAX_RING_BYTES, MIN_RING_BYTES, REPLY_LEN,
@@ -55,7 +54,10 @@ use crate::socket::{
     close_in_background, release_in_background, stop_descriptors, Endpoint, PeerCred, SocketRecvError,
     Stream, MAX_FDS_PER_MESSAGE,
 };
-use crate::waiter::{spin_until, wait_until, Liveness, WaitError, WaitPolicy};
+use crate::waiter::{wait_until, Liveness, WaitError, WaitPolicy};
+
+mod client;
+pub use client::{ClientChannel, ClientDispatch, ClientRequests, ClientStatus};
 
 /// Number of descriptors in an accepting reply: memfd + three eventfds.
 const REPLY_FDS: usize = 4;
@@ -1162,505 +1164,6 @@ impl PendingConnect {
     }
 }
 
-/// The client end of one connection. `Send`; wrap it in a mutex to share.
-#[derive(Debug)]
-pub struct ClientChannel {
-    stream: Stream,
-    server: PeerCred,
-    accepted: Accepted,
-    requests: Producer,
-    responses: Consumer,
-    dispatch: Consumer,
-    request_bell: Bell,
-    response_bell: Bell,
-    dispatch_bell: Bell,
-    dispatch_armed: Option<Announcement>,
-    /// The poll-mode announcement made by `arm_response`.
-    response_armed: Option<Announcement>,
-    policy: WaitPolicy,
-    /// The record last returned by `peek_response`/`peek_dispatch`, as
-    /// (address, length), until released: lets `current_*` hand out the
-    /// slice again through `&self`.
-    current_response: Option<(usize, usize)>,
-    current_dispatch: Option<(usize, usize)>,
-    segment: Arc<Segment>,
-}
-
-impl ClientChannel {
-    /// Connects to `endpoint` and runs the handshake for `hello`, all
-    /// within `timeout` (a server whose accept backlog is full is retried
-    /// until then, never waited for in `connect(2)`).
-    ///
-    /// # Errors
-    ///
-    /// A [`ConnectError`] for each way it can fail; a hostile server gets
-    /// an error, never a panic or a hang past `timeout`.
-    #[doc(alias = "coroipcc_service_connect")]
-    pub fn connect(
-        endpoint: &Endpoint,
-        hello: &ClientHello,
-        timeout: Duration,
-    ) -> Result<Self, ConnectError> {
-        Self::connect_with(endpoint, hello, &ConnectOptions::new(timeout))
-    }
-
-    /// [`connect`](Self::connect) with [`ConnectOptions`]: a deadline, and
-    /// optionally the uid the server must run as.
-    ///
-    /// # Errors
-    ///
-    /// As [`connect`](Self::connect), plus [`ConnectError::WrongServer`].
-    pub fn connect_with(
-        endpoint: &Endpoint,
-        hello: &ClientHello,
-        options: &ConnectOptions,
-    ) -> Result<Self, ConnectError> {
-        PendingConnect::connect_with(endpoint, hello, options)?.complete()
-    }
-
-    /// Runs the client side of the handshake on a connected stream.
-    ///
-    /// # Errors
-    ///
-    /// As [`connect`](Self::connect).
-    pub fn handshake(stream: Stream, hello: &ClientHello, timeout: Duration) -> Result<Self, ConnectError> {
-        PendingConnect::start(stream, hello, timeout)?.complete()
-    }
-
-    /// Completes a handshake whose reply (and descriptors) arrived: checks
-    /// everything the server sent before using any of it.
-    fn finish(stream: Stream, reply: &[u8; REPLY_LEN], fds: Vec<OwnedFd>) -> Result<Self, ConnectError> {
-        let std = stream.as_std();
-        let accepted = match ServerReply::decode(reply).map_err(ConnectError::Handshake)? {
-            ServerReply::Refused(r) => return Err(ConnectError::Refused(r)),
-            ServerReply::Accepted(a) => a,
-        };
-        if fds.len() != REPLY_FDS {
-            return Err(ConnectError::Descriptors("expected a memfd and three eventfds"));
-        }
-        let mut fds = fds.into_iter();
-        let mut next_fd = || fds.next().ok_or(ConnectError::Descriptors("missing"));
-        let layout = accepted.layout;
-        let segment =
-            Arc::new(Segment::from_fd(next_fd()?, layout.segment_len).map_err(ConnectError::Segment)?);
-        let bell = |fd: OwnedFd| -> Result<Bell, ConnectError> {
-            EventFd::from_fd(fd)
-                .map(Bell::from_eventfd)
-                .map_err(|_| ConnectError::Descriptors("not an eventfd"))
-        };
-        let request_bell = bell(next_fd()?)?;
-        let response_bell = bell(next_fd()?)?;
-        let dispatch_bell = bell(next_fd()?)?;
-        if layout.control.len < CONTROL_LEN || !Control::new(&segment, layout.control.offset).is_valid() {
-            return Err(ConnectError::Control);
-        }
-        let region: Arc<dyn RingRegion> = segment.clone();
-        let at = |r: Region| (r.offset as usize, r.len as usize);
-        let (o, l) = at(layout.request);
-        let requests = Producer::attach(region.clone(), o, l).map_err(ConnectError::Ring)?;
-        let (o, l) = at(layout.response);
-        let responses = Consumer::attach(region.clone(), o, l).map_err(ConnectError::Ring)?;
-        let (o, l) = at(layout.dispatch);
-        let dispatch = Consumer::attach(region, o, l).map_err(ConnectError::Ring)?;
-        let max = u64::from(accepted.sizes.max_message_bytes);
-        if requests.max_record() < max || responses.max_record() < max || dispatch.max_record() < max {
-            return Err(ConnectError::Ring(RingAttachError::BadMaxRecord(max)));
-        }
-        std.set_nonblocking(true)?;
-        let server = stream.peer_credentials()?;
-        Ok(Self {
-            stream,
-            server,
-            accepted,
-            requests,
-            responses,
-            dispatch,
-            request_bell,
-            response_bell,
-            dispatch_bell,
-            dispatch_armed: None,
-            response_armed: None,
-            policy: WaitPolicy::default(),
-            current_response: None,
-            current_dispatch: None,
-            segment,
-        })
-    }
-
-    fn control(&self) -> Control<'_> {
-        Control::new(&self.segment, self.accepted.layout.control.offset)
-    }
-
-    fn liveness(&self) -> Liveness<'_> {
-        Liveness { stream: &self.stream, control: self.control(), peer: Side::Server }
-    }
-
-    /// The server's credentials, from the kernel: check them to be sure
-    /// you talk to the daemon you expect.
-    pub fn server_credentials(&self) -> PeerCred {
-        self.server
-    }
-
-    /// The negotiated sizes.
-    pub fn sizes(&self) -> RingSizes {
-        self.accepted.sizes
-    }
-
-    /// Largest message (header included).
-    pub fn max_message(&self) -> usize {
-        self.accepted.sizes.max_message_bytes as usize
-    }
-
-    /// Sets how blocking calls wait.
-    pub fn set_wait_policy(&mut self, policy: WaitPolicy) {
-        self.policy = policy;
-    }
-
-    /// The current wait policy.
-    pub fn wait_policy(&self) -> WaitPolicy {
-        self.policy
-    }
-
-    /// Whether the server is still there.
-    pub fn peer_alive(&self) -> bool {
-        self.liveness().peer_alive()
-    }
-
-    /// Whether the server paused reading requests (request-side flow control).
-    pub fn request_paused(&self) -> bool {
-        self.control().request_paused()
-    }
-
-    /// Dispatch flow control: `On` while the server holds dispatch
-    /// messages for this client in its outbound queue, or the dispatch
-    /// ring is above its high watermark (until it drains to the low one).
-    pub fn dispatch_flow(&self) -> FlowState {
-        if self.control().dispatch_queued() {
-            return FlowState::On;
-        }
-        self.dispatch.flow_state()
-    }
-
-    fn gone(&self) -> bool {
-        !self.control().is_open(Side::Server)
-    }
-
-    /// Why the server went away: the reason it wrote into the control
-    /// block before closing its side (validated: an unknown value is
-    /// [`DisconnectReason::Unknown`]); [`DisconnectReason::ServerDied`] if
-    /// it never closed its side (killed, crashed). Meaningful once a call
-    /// failed because the server is gone.
-    pub fn disconnect_reason(&self) -> DisconnectReason {
-        let control = self.control();
-        if control.is_open(Side::Server) {
-            return DisconnectReason::ServerDied;
-        }
-        match control.disconnect_reason() {
-            Some(reason) => reason,
-            None if control.server_shutting_down() => DisconnectReason::ServerShutdown,
-            None => DisconnectReason::Unknown,
-        }
-    }
-
-    fn lost(&self) -> ChannelError {
-        ChannelError::Disconnected(self.disconnect_reason())
-    }
-
-    fn reason(&self, e: ChannelError) -> ChannelError {
-        if e == ChannelError::PeerGone {
-            self.lost()
-        } else {
-            e
-        }
-    }
-
-    /// Sends a request without waiting.
-    ///
-    /// # Errors
-    ///
-    /// `TryAgain` (ring full or the server paused requests), `TooBig`,
-    /// `PeerGone`, `Corrupt`.
-    pub fn try_send(&mut self, parts: &[IoSlice<'_>]) -> Result<(), ChannelError> {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        let max = self.max_message();
-        if len > max {
-            return Err(ChannelError::TooBig { len, max });
-        }
-        if self.gone() {
-            return Err(self.lost());
-        }
-        if self.control().request_paused() {
-            return Err(ChannelError::TryAgain);
-        }
-        let _ = self.requests.try_push_vectored(parts).map_err(|e| push_error(e, max))?;
-        self.requests.data_wait().notify(&self.request_bell);
-        Ok(())
-    }
-
-    /// Sends a request, waiting until `deadline` for space.
-    ///
-    /// # Errors
-    ///
-    /// As [`try_send`](Self::try_send), with `Timeout` instead of `TryAgain`.
-    pub fn send(&mut self, parts: &[IoSlice<'_>], deadline: Option<Instant>) -> Result<(), ChannelError> {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        loop {
-            match self.try_send(parts) {
-                Err(ChannelError::TryAgain) => {}
-                other => return other,
-            }
-            let control = self.control();
-            let requests = &self.requests;
-            wait_until(
-                requests.space_wait(),
-                &self.request_bell,
-                || !control.request_paused() && requests.can_reserve(len),
-                self.liveness(),
-                deadline,
-                self.policy,
-            )
-            .map_err(|e| self.reason(e.into()))?;
-        }
-    }
-
-    /// Waits until a response is readable.
-    ///
-    /// # Errors
-    ///
-    /// `Timeout`, `PeerGone`.
-    pub fn wait_response(&mut self, deadline: Option<Instant>) -> Result<(), ChannelError> {
-        if self.response_armed.is_some() {
-            self.disarm_response();
-        }
-        let responses = &self.responses;
-        wait_until(
-            responses.data_wait(),
-            &self.response_bell,
-            || responses.is_ready(),
-            self.liveness(),
-            deadline,
-            self.policy,
-        )
-        .map_err(|e| self.reason(e.into()))
-    }
-
-    /// Prepares to wait for a response in an event loop: announces on the
-    /// response ring that this side polls the response fd, and re-checks.
-    /// Returns `true` if a response is already there (do not wait then).
-    /// The fd ([`response_fd`](Self::response_fd)) becomes readable when
-    /// the next response arrives; call
-    /// [`disarm_response`](Self::disarm_response) after it did.
-    pub fn arm_response(&mut self) -> bool {
-        if self.response_armed.is_none() {
-            self.response_armed = Some(self.responses.data_wait().announce_poll());
-        }
-        self.responses.is_ready()
-    }
-
-    /// Withdraws [`arm_response`](Self::arm_response)'s announcement and
-    /// drains the response bell.
-    pub fn disarm_response(&mut self) {
-        if let Some(a) = self.response_armed.take() {
-            self.responses.data_wait().cancel(a);
-        }
-        self.response_bell.drain();
-    }
-
-    /// The response bell's eventfd, readable after
-    /// [`arm_response`](Self::arm_response) once a response arrives.
-    pub fn response_fd(&self) -> BorrowedFd<'_> {
-        self.response_bell.as_fd()
-    }
-
-    /// The next response in place, without copying; `None` if there is
-    /// none. Stays valid (and in the ring) until
-    /// [`release_response`](Self::release_response).
-    ///
-    /// # Errors
-    ///
-    /// `Corrupt` if the server corrupted the ring.
-    pub fn peek_response(&mut self) -> Result<Option<&[u8]>, ChannelError> {
-        match self.responses.try_peek() {
-            // SAFETY: the server follows the ring protocol and does not
-            // write a published record before we release it (the client
-            // trusts the server it connected to; see the module docs);
-            // bounds were validated by `try_peek`.
-            Ok(g) => {
-                // SAFETY: as above.
-                let s = unsafe { g.into_slice() };
-                self.current_response = Some((s.as_ptr() as usize, s.len()));
-                Ok(Some(s))
-            }
-            Err(PopError::Empty) => Ok(None),
-            Err(e) => Err(pop_error(e)),
-        }
-    }
-
-    /// The response last returned by [`peek_response`](Self::peek_response),
-    /// until it is released.
-    pub fn current_response(&self) -> Option<&[u8]> {
-        // SAFETY: the record at that address stays published and unreleased
-        // until `release_response` clears `current_response`; the segment
-        // lives as long as `self`; bounds were checked when it was peeked.
-        self.current_response.map(|(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
-    }
-
-    /// Frees the response returned by [`peek_response`](Self::peek_response).
-    pub fn release_response(&mut self) {
-        self.current_response = None;
-        if let Ok(g) = self.responses.try_peek() {
-            // A server thread may be waiting for room to answer (a deferred
-            // response on a full ring): without this wake it would only see
-            // the space at its next liveness slice.
-            let _ = g.release_notify(&self.response_bell);
-        }
-    }
-
-    /// Like [`peek_dispatch`](Self::peek_dispatch), but first spins up to
-    /// `spin` for a message (without arming the dispatch fd, so the server
-    /// pays no eventfd write while we spin). Blocking receives use it: a
-    /// stream of dispatch messages is then drained without a kernel wake
-    /// per message.
-    ///
-    /// # Errors
-    ///
-    /// As [`peek_dispatch`](Self::peek_dispatch).
-    pub fn peek_dispatch_spin(&mut self, spin: Duration) -> Result<Option<&[u8]>, ChannelError> {
-        if !spin.is_zero() {
-            self.disarm_dispatch();
-            let dispatch = &self.dispatch;
-            spin_until(&mut || dispatch.is_ready(), spin);
-        }
-        self.peek_dispatch()
-    }
-
-    /// The next dispatch message in place; `None` if there is none, in
-    /// which case the dispatch fd is armed: it becomes readable when the
-    /// next message arrives.
-    ///
-    /// # Errors
-    ///
-    /// `Corrupt` if the server corrupted the ring; `PeerGone` once the
-    /// server is gone and the ring is drained.
-    pub fn peek_dispatch(&mut self) -> Result<Option<&[u8]>, ChannelError> {
-        self.disarm_dispatch();
-        if !self.dispatch_ready()? {
-            // The server's state word alone is not enough: a server killed
-            // with SIGKILL never writes it, and then an empty ring read
-            // "nothing yet" for ever (`Client::recv_dispatch` spun until its
-            // deadline, or without one for ever). Its socket hangs up, so
-            // check that too; look at the ring once more after noticing, in
-            // case a message landed just before the server went.
-            if !self.peer_alive() {
-                if !self.dispatch_ready()? {
-                    return Err(self.lost());
-                }
-            } else {
-                // Announce as a poller, then re-check (the ring's protocol):
-                // a message published after the check rings the eventfd.
-                let a = self.dispatch.data_wait().announce_poll();
-                if !self.dispatch_ready()? {
-                    self.dispatch_armed = Some(a);
-                    return Ok(None);
-                }
-                self.dispatch.data_wait().cancel(a);
-            }
-        }
-        match self.dispatch.try_peek() {
-            Ok(g) => {
-                // SAFETY: as in `peek_response`.
-                let s = unsafe { g.into_slice() };
-                self.current_dispatch = Some((s.as_ptr() as usize, s.len()));
-                Ok(Some(s))
-            }
-            Err(PopError::Empty) => Ok(None),
-            Err(e) => Err(pop_error(e)),
-        }
-    }
-
-    /// The dispatch message last returned by
-    /// [`peek_dispatch`](Self::peek_dispatch), until it is released.
-    pub fn current_dispatch(&self) -> Option<&[u8]> {
-        // SAFETY: as in `current_response`.
-        self.current_dispatch.map(|(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
-    }
-
-    /// Whether a dispatch message is ready (skipping padding).
-    fn dispatch_ready(&mut self) -> Result<bool, ChannelError> {
-        match self.dispatch.try_peek() {
-            Ok(_) => Ok(true),
-            Err(PopError::Empty) => Ok(false),
-            Err(e) => Err(pop_error(e)),
-        }
-    }
-
-    fn disarm_dispatch(&mut self) {
-        if let Some(a) = self.dispatch_armed.take() {
-            self.dispatch.data_wait().cancel(a);
-            self.dispatch_bell.drain();
-        }
-    }
-
-    /// Frees the dispatch message returned by
-    /// [`peek_dispatch`](Self::peek_dispatch) and wakes a server thread
-    /// waiting for dispatch space.
-    pub fn release_dispatch(&mut self) {
-        self.current_dispatch = None;
-        if let Ok(g) = self.dispatch.try_peek() {
-            // Frees the space and wakes a server thread waiting for room,
-            // with one fence for both handshakes.
-            let _ = g.release_notify(&self.dispatch_bell);
-        }
-    }
-
-    /// Waits until a dispatch message is readable.
-    ///
-    /// # Errors
-    ///
-    /// `Timeout`, `PeerGone`.
-    pub fn wait_dispatch(&mut self, deadline: Option<Instant>) -> Result<(), ChannelError> {
-        self.disarm_dispatch();
-        let dispatch = &self.dispatch;
-        wait_until(
-            dispatch.data_wait(),
-            &self.dispatch_bell,
-            || dispatch.is_ready(),
-            self.liveness(),
-            deadline,
-            self.policy,
-        )
-        .map_err(|e| self.reason(e.into()))
-    }
-
-    /// The dispatch fd (an eventfd): readable when a dispatch message
-    /// arrived after [`peek_dispatch`](Self::peek_dispatch) returned `None`.
-    #[doc(alias = "coroipcc_fd_get")]
-    pub fn dispatch_fd(&self) -> BorrowedFd<'_> {
-        self.dispatch_bell.as_fd()
-    }
-
-    /// The connection socket (readable/hung up when the server goes away).
-    pub fn socket_fd(&self) -> BorrowedFd<'_> {
-        self.stream.as_fd()
-    }
-
-    /// Closes the client side: marks it closed, wakes server-side sleepers
-    /// and shuts the socket down. Idempotent.
-    pub fn close(&mut self) {
-        self.control().close(Side::Client);
-        wake_all(self.requests.data_wait(), &self.request_bell);
-        wake_all(self.dispatch.space_wait(), &self.dispatch_bell);
-        wake_all(self.responses.space_wait(), &self.response_bell);
-        let _ = self.stream.as_std().shutdown(std::net::Shutdown::Both);
-    }
-}
-
-impl Drop for ClientChannel {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1690,25 +1193,29 @@ mod tests {
         let (server, mut client) = pair(Limits::default(), RingSizes::default());
         assert_eq!(server.sizes(), client.sizes());
         let req = MessageHeader { id: 9, flags: 0, seq: 1 }.encode();
-        client.send(&[IoSlice::new(&req), IoSlice::new(b"ping")], None).unwrap();
+        client.requests().send(&[IoSlice::new(&req), IoSlice::new(b"ping")], None).unwrap();
         let mut buf = Vec::new();
         assert!(server.try_recv_request(&mut buf).unwrap());
         assert_eq!(MessageHeader::decode(&buf).unwrap().seq, 1);
         assert_eq!(&buf[HEADER_LEN..], b"ping");
         server.send_response(&[IoSlice::new(&buf)], Duration::from_secs(1)).unwrap();
-        client.wait_response(Some(Instant::now() + Duration::from_secs(5))).unwrap();
-        assert_eq!(client.peek_response().unwrap().unwrap(), &buf[..]);
-        client.release_response();
-        assert!(client.peek_response().unwrap().is_none());
+        let requests = client.requests();
+        requests.wait_response(Some(Instant::now() + Duration::from_secs(5))).unwrap();
+        assert_eq!(requests.peek_response().unwrap().unwrap(), &buf[..]);
+        requests.release_response();
+        assert!(requests.peek_response().unwrap().is_none());
 
-        assert!(client.peek_dispatch().unwrap().is_none(), "nothing yet; fd armed");
+        let dispatch = client.dispatch();
+        assert!(dispatch.peek_dispatch().unwrap().is_none(), "nothing yet");
+        assert!(!crate::eventfd::EventFd::wait_fd(dispatch.dispatch_fd(), Duration::ZERO), "not readable");
         let _ = server.try_dispatch(&[IoSlice::new(b"event")]).unwrap();
         assert!(
-            crate::eventfd::EventFd::wait_fd(client.dispatch_fd(), Duration::from_secs(1)),
-            "armed fd rings"
+            crate::eventfd::EventFd::wait_fd(dispatch.dispatch_fd(), Duration::from_secs(1)),
+            "a pending message makes the fd readable"
         );
-        assert_eq!(client.peek_dispatch().unwrap().unwrap(), b"event");
-        client.release_dispatch();
+        assert_eq!(dispatch.peek_dispatch().unwrap().unwrap(), b"event");
+        dispatch.release_dispatch();
+        assert!(!crate::eventfd::EventFd::wait_fd(dispatch.dispatch_fd(), Duration::ZERO), "drained");
     }
 
     #[test]
@@ -1716,7 +1223,7 @@ mod tests {
         let (server, mut client) = pair(Limits::default(), RingSizes::default());
         let t = std::thread::spawn(move || {
             let start = Instant::now();
-            let r = client.wait_response(Some(Instant::now() + Duration::from_secs(10)));
+            let r = client.requests().wait_response(Some(Instant::now() + Duration::from_secs(10)));
             (r, start.elapsed())
         });
         std::thread::sleep(Duration::from_millis(50));

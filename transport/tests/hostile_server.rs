@@ -535,9 +535,9 @@ fn response_corruption_is_corrupt(mode: SleepMode) {
         client.set_wait_policy(WaitPolicy::sleep_only(mode));
         let r = within(T, "wait + peek", move || {
             let blocked = std::thread::spawn(move || {
-                let waited = client.wait_response(Some(Instant::now() + T));
-                let peeked = client.peek_response().map(|m| m.map(<[u8]>::to_vec));
-                client.release_response();
+                let waited = client.requests().wait_response(Some(Instant::now() + T));
+                let peeked = client.requests().peek_response().map(|m| m.map(<[u8]>::to_vec));
+                client.requests().release_response();
                 (waited, peeked)
             });
             std::thread::sleep(Duration::from_millis(30));
@@ -570,7 +570,7 @@ fn response_tail_beyond_capacity_is_corrupt() {
     let r = within(T, "peek", move || {
         let deadline = Instant::now() + T;
         loop {
-            match client.peek_response() {
+            match client.requests().peek_response() {
                 Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
                 other => return other.map(|m| m.map(<[u8]>::to_vec)),
             }
@@ -584,11 +584,15 @@ fn response_tail_beyond_capacity_is_corrupt() {
 fn dispatch_ring_corrupted_after_connect_is_corrupt() {
     let (server, mut client, go) =
         connected_then("dispatch-record", |s| publish_raw(s, "dispatch", 2, data_header(u32::MAX)));
-    assert_eq!(client.peek_dispatch().map(|m| m.is_none()), Ok(true), "nothing yet; the fd is armed");
+    assert_eq!(
+        client.dispatch().peek_dispatch().map(|m| m.is_none()),
+        Ok(true),
+        "nothing yet; the fd is armed"
+    );
     go.send(()).unwrap();
     let r = within(T, "wait + peek dispatch", move || {
-        let waited = client.wait_dispatch(Some(Instant::now() + T));
-        (waited, client.peek_dispatch().map(|m| m.map(<[u8]>::to_vec)))
+        let waited = client.dispatch().wait_dispatch(Some(Instant::now() + T));
+        (waited, client.dispatch().peek_dispatch().map(|m| m.map(<[u8]>::to_vec)))
     });
     assert!(matches!(r.1, Err(ChannelError::Corrupt(_))), "{r:?}");
     server.join();
@@ -601,7 +605,7 @@ fn garbage_server_state_reads_as_closed() {
         s.word(at).store(0x0bad_0bad_0bad_0bad, Ordering::Release);
     });
     go.send(()).unwrap();
-    let r = within(T, "wait", move || client.wait_response(Some(Instant::now() + T)));
+    let r = within(T, "wait", move || client.requests().wait_response(Some(Instant::now() + T)));
     assert_eq!(r, Err(ChannelError::Disconnected(coroipc_transport::control::DisconnectReason::Unknown)));
     server.join();
 }
@@ -645,15 +649,19 @@ fn client_survives_a_server_scribbling_over_the_whole_segment() {
         let req = message(CMD_ECHO, 1, b"hello");
         while Instant::now() < until {
             let soon = Some(Instant::now() + Duration::from_millis(5));
-            note("try_send", client.try_send(&[IoSlice::new(&req)]));
-            note("send", client.send(&[IoSlice::new(&req)], soon));
-            note("wait_response", client.wait_response(soon));
-            note("peek_response", client.peek_response().map(|_| ()));
-            client.release_response();
-            note("peek_dispatch", client.peek_dispatch().map(|_| ()));
-            client.release_dispatch();
-            note("wait_dispatch", client.wait_dispatch(soon));
-            let _ = (client.peer_alive(), client.request_paused(), client.dispatch_flow());
+            note("try_send", client.requests().try_send(&[IoSlice::new(&req)]));
+            note("send", client.requests().send(&[IoSlice::new(&req)], soon));
+            note("wait_response", client.requests().wait_response(soon));
+            note("peek_response", client.requests().peek_response().map(|_| ()));
+            client.requests().release_response();
+            note("peek_dispatch", client.dispatch().peek_dispatch().map(|_| ()));
+            client.dispatch().release_dispatch();
+            note("wait_dispatch", client.dispatch().wait_dispatch(soon));
+            let _ = (
+                client.status().peer_alive(),
+                client.status().request_paused(),
+                client.status().dispatch_flow(),
+            );
         }
         outcomes
     });
@@ -688,12 +696,12 @@ fn server_making_shared_eventfds_blocking_cannot_hang_the_client() {
     within(T, "client calls on blocking eventfds", move || {
         let req = message(CMD_ECHO, 1, b"x");
         for _ in 0..10 {
-            let _ = client.try_send(&[IoSlice::new(&req)]);
-            let _ = client.peek_dispatch();
-            let _ = client.peek_dispatch();
+            let _ = client.requests().try_send(&[IoSlice::new(&req)]);
+            let _ = client.dispatch().peek_dispatch();
+            let _ = client.dispatch().peek_dispatch();
             client.set_wait_policy(WaitPolicy::sleep_only(SleepMode::Poll));
-            let _ = client.wait_response(Some(Instant::now() + Duration::from_millis(5)));
-            let _ = client.wait_dispatch(Some(Instant::now() + Duration::from_millis(5)));
+            let _ = client.requests().wait_response(Some(Instant::now() + Duration::from_millis(5)));
+            let _ = client.dispatch().wait_dispatch(Some(Instant::now() + Duration::from_millis(5)));
         }
         client.close();
     });

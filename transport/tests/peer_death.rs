@@ -46,7 +46,7 @@ fn client_sees_server_sigkill(policy: WaitPolicy, label: &str) {
 
     // Block waiting for a response that never comes.
     let waiter = std::thread::spawn(move || {
-        let r = client.wait_response(Some(Instant::now() + T));
+        let r = client.requests().wait_response(Some(Instant::now() + T));
         (r, Instant::now())
     });
     std::thread::sleep(SETTLE);
@@ -97,7 +97,7 @@ fn blocked_client_sleeps_without_burning_cpu() {
         let (r, cpu) = within(T, "wait_response", move || {
             let cpu = || rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
             let before = cpu();
-            let r = client.wait_response(Some(Instant::now() + Duration::from_millis(300)));
+            let r = client.requests().wait_response(Some(Instant::now() + Duration::from_millis(300)));
             let after = cpu();
             let ns = (after.tv_sec - before.tv_sec) * 1_000_000_000 + (after.tv_nsec - before.tv_nsec);
             (r, Duration::from_nanos(ns as u64))
@@ -209,8 +209,8 @@ fn client_woken_by_server_close(policy: WaitPolicy, label: &str) {
     echo_round_trip(&mut client, 1, T);
     // The server closes 60 ms from now; the client is asleep by then.
     let close = message(CMD_CLOSE_AFTER, 2, &(SETTLE.as_millis() as u32).to_le_bytes());
-    client.send(&[IoSlice::new(&close)], Some(Instant::now() + T)).expect("send close request");
-    let r = client.wait_response(Some(Instant::now() + T));
+    client.requests().send(&[IoSlice::new(&close)], Some(Instant::now() + T)).expect("send close request");
+    let r = client.requests().wait_response(Some(Instant::now() + T));
     let returned = mono_ns();
     let line = server.expect("CLOSED", T);
     assert_eq!(field(&line, "reason"), "Requested");
@@ -218,7 +218,7 @@ fn client_woken_by_server_close(policy: WaitPolicy, label: &str) {
     eprintln!("client wait_response [{label}] woken {latency:.3} ms after the server's close()");
     // A bare close() gives no reason.
     assert_eq!(r, Err(ChannelError::Disconnected(DisconnectReason::Unknown)), "[{label}]");
-    assert!(!client.peer_alive());
+    assert!(!client.status().peer_alive());
     // "At once": the close wakes the sleeper itself; it does not wait for
     // its next liveness check (up to LIVENESS_SLICE later).
     assert!(latency < 15.0, "[{label}] woken {latency:.3} ms after close");

@@ -89,10 +89,10 @@ pub fn message(id: u32, seq: u64, payload: &[u8]) -> Vec<u8> {
 pub fn echo_round_trip(client: &mut ClientChannel, seq: u64, timeout: Duration) {
     let req = message(CMD_ECHO, seq, format!("ping {seq}").as_bytes());
     let deadline = Instant::now() + timeout;
-    client.send(&[IoSlice::new(&req)], Some(deadline)).expect("send request");
-    client.wait_response(Some(deadline)).expect("wait for echo");
-    let got = client.peek_response().expect("peek echo").expect("a response is ready").to_vec();
-    client.release_response();
+    client.requests().send(&[IoSlice::new(&req)], Some(deadline)).expect("send request");
+    client.requests().wait_response(Some(deadline)).expect("wait for echo");
+    let got = client.requests().peek_response().expect("peek echo").expect("a response is ready").to_vec();
+    client.requests().release_response();
     assert_eq!(got, req, "the server echoes the request byte for byte");
 }
 
