@@ -466,6 +466,8 @@ pub struct DispatchGuard<'a> {
     dispatch: MutexGuard<'a, ClientDispatch>,
     holder: &'a AtomicU64,
     info: DispatchInfo,
+    /// From a blocking receive: released as a stream's message.
+    streaming: bool,
 }
 
 impl DispatchGuard<'_> {
@@ -484,7 +486,11 @@ impl Deref for DispatchGuard<'_> {
 
 impl Drop for DispatchGuard<'_> {
     fn drop(&mut self) {
-        self.dispatch.release_dispatch();
+        if self.streaming {
+            self.dispatch.release_dispatch_streaming();
+        } else {
+            self.dispatch.release_dispatch();
+        }
         self.holder.store(0, Ordering::Relaxed);
     }
 }
@@ -1058,16 +1064,18 @@ impl Client {
     /// holds a [`DispatchGuard`] of this client.
     #[doc(alias = "coroipcc_dispatch_recv")]
     pub fn try_recv_dispatch(&self, buf: &mut [u8]) -> Result<DispatchInfo> {
-        self.recv_dispatch_spin(buf, Duration::ZERO, Some(Instant::now()))
+        self.recv_dispatch_spin(buf, Duration::ZERO, Some(Instant::now()), false)
     }
 
     /// [`try_recv_dispatch`](Self::try_recv_dispatch) after spinning up to
-    /// `spin` for a message.
+    /// `spin` for a message; `streaming` for a blocking receive (see
+    /// `ClientDispatch::release_dispatch_streaming`).
     fn recv_dispatch_spin(
         &self,
         buf: &mut [u8],
         spin: Duration,
         lock_by: Option<Instant>,
+        streaming: bool,
     ) -> Result<DispatchInfo> {
         let mut dispatch = self.dispatch_lock(lock_by)?;
         let info = peek_dispatch(&mut dispatch, spin)?;
@@ -1077,7 +1085,11 @@ impl Client {
         if let Some(msg) = dispatch.current_dispatch() {
             buf[..info.len].copy_from_slice(&msg[HEADER_LEN..]);
         }
-        dispatch.release_dispatch();
+        if streaming {
+            dispatch.release_dispatch_streaming();
+        } else {
+            dispatch.release_dispatch();
+        }
         Ok(info)
     }
 
@@ -1091,14 +1103,14 @@ impl Client {
     /// instead of `TryAgain`.
     pub fn recv_dispatch(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<DispatchInfo> {
         // The common case — a message is waiting — reads no clock.
-        match self.recv_dispatch_spin(buf, Duration::ZERO, None) {
+        match self.recv_dispatch_spin(buf, Duration::ZERO, None, true) {
             Err(Error::TryAgain) => {}
             other => return other,
         }
         let deadline = deadline(timeout);
         let spin = self.spin_budget()?;
         loop {
-            match self.recv_dispatch_spin(buf, spin, deadline) {
+            match self.recv_dispatch_spin(buf, spin, deadline, true) {
                 Err(Error::TryAgain) => {}
                 other => return other,
             }
@@ -1112,18 +1124,19 @@ impl Client {
     ///
     /// As [`try_recv_dispatch`](Self::try_recv_dispatch).
     pub fn try_recv_dispatch_in_place(&self) -> Result<DispatchGuard<'_>> {
-        self.recv_dispatch_in_place_spin(Duration::ZERO, Some(Instant::now()))
+        self.recv_dispatch_in_place_spin(Duration::ZERO, Some(Instant::now()), false)
     }
 
     fn recv_dispatch_in_place_spin(
         &self,
         spin: Duration,
         lock_by: Option<Instant>,
+        streaming: bool,
     ) -> Result<DispatchGuard<'_>> {
         let mut dispatch = self.dispatch_lock(lock_by)?;
         let info = peek_dispatch(&mut dispatch, spin)?;
         self.dispatch_guard.store(thread_token(), Ordering::Relaxed);
-        Ok(DispatchGuard { dispatch, holder: &self.dispatch_guard, info })
+        Ok(DispatchGuard { dispatch, holder: &self.dispatch_guard, info, streaming })
     }
 
     /// The spin budget of a blocking receive.
@@ -1142,14 +1155,14 @@ impl Client {
         // half the ev64 rate: a consumer that catches up and polls the
         // producer's line slows the producer. Keep this shape unless a
         // benchmark says otherwise.)
-        match self.recv_dispatch_in_place_spin(Duration::ZERO, None) {
+        match self.recv_dispatch_in_place_spin(Duration::ZERO, None, true) {
             Err(Error::TryAgain) => {}
             other => return other,
         }
         let deadline = deadline(timeout);
         let spin = self.spin_budget()?;
         loop {
-            match self.recv_dispatch_in_place_spin(spin, deadline) {
+            match self.recv_dispatch_in_place_spin(spin, deadline, true) {
                 Err(Error::TryAgain) => {}
                 other => return other,
             }

@@ -47,6 +47,14 @@ fn smuggle(stream: &Stream, bytes: &[u8], fd: OwnedFd) -> &'static str {
             stream.send_with_fds(bytes, &[]).expect("send without the descriptor");
             "refused by the kernel"
         }
+        // The client finished and hung up before the descriptor went out
+        // (it read the reply and found nothing after it): nothing to hold.
+        Err(e)
+            if matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset) =>
+        {
+            rustix::net::sockopt::set_socket_linger(&fd, Some(Duration::ZERO)).expect("linger 0");
+            "not sent: the client had gone"
+        }
         Err(e) => panic!("smuggling: {e}"),
     }
 }

@@ -160,6 +160,10 @@ pub struct ClientDispatch {
     dispatch: Consumer,
     /// The poll-mode announcement of the "ring empty" state.
     armed: Option<Announcement>,
+    /// A blocking receive withdrew the announcement to spin: messages
+    /// published meanwhile did not ring, so the counter may be 0 although
+    /// the ring holds messages (set right again on release).
+    quiet: bool,
     policy: WaitPolicy,
     /// The message last returned by `peek_dispatch`, until released.
     current: Option<(usize, usize)>,
@@ -275,7 +279,7 @@ impl ClientChannel {
         });
         let policy = WaitPolicy::default();
         let mut dispatch =
-            ClientDispatch { link: link.clone(), dispatch, armed: None, policy, current: None };
+            ClientDispatch { link: link.clone(), dispatch, armed: None, quiet: false, policy, current: None };
         dispatch.level().map_err(|_| ConnectError::Control)?;
         let requests =
             ClientRequests { link, requests, responses, response_armed: None, policy, current: None };
@@ -618,14 +622,22 @@ impl ClientDispatch {
     }
 
     /// Like [`peek_dispatch`](Self::peek_dispatch), but first spins up to
-    /// `spin` for a message. Blocking receives use it: a stream of dispatch
-    /// messages is then drained without a kernel sleep per message.
+    /// `spin` for a message, with the poller announcement withdrawn (so
+    /// the server pays no eventfd write while this side spins). Blocking
+    /// receives use it after a first look found nothing: a stream of
+    /// dispatch messages is then drained without a kernel sleep per
+    /// message. Release what it returns with
+    /// [`release_dispatch_streaming`](Self::release_dispatch_streaming).
     ///
     /// # Errors
     ///
     /// As [`peek_dispatch`](Self::peek_dispatch).
     pub fn peek_dispatch_spin(&mut self, spin: Duration) -> Result<Option<&[u8]>, ChannelError> {
-        if !spin.is_zero() {
+        if !spin.is_zero() && !self.dispatch.is_ready() {
+            if let Some(a) = self.armed.take() {
+                self.dispatch.data_wait().cancel(a);
+                self.quiet = true;
+            }
             let dispatch = &self.dispatch;
             spin_until(&mut || dispatch.is_ready(), spin);
         }
@@ -719,14 +731,43 @@ impl ClientDispatch {
     /// waiting for dispatch space, and keeps the dispatch fd level: if the
     /// ring is now empty the fd stops being readable.
     pub fn release_dispatch(&mut self) {
+        self.release();
+        match self.ready() {
+            Ok(false) => {
+                let _ = self.enter_empty();
+            }
+            Ok(true) => self.unquiet(),
+            Err(_) => {} // the next peek reports it
+        }
+    }
+
+    /// [`release_dispatch`](Self::release_dispatch) for a receiver about to
+    /// look again (a blocking receive): when the ring is now empty the fd
+    /// is left as it is — it may read readable once more, until the next
+    /// [`peek_dispatch`](Self::peek_dispatch) finds nothing — which spares
+    /// a stream of messages a syscall per message. A pending message
+    /// always leaves it readable.
+    pub fn release_dispatch_streaming(&mut self) {
+        self.release();
+        if self.quiet && matches!(self.ready(), Ok(true)) {
+            self.unquiet();
+        }
+    }
+
+    /// Frees the peeked message and wakes a server thread waiting for
+    /// room, with one fence for both handshakes.
+    fn release(&mut self) {
         self.current = None;
         if let Ok(g) = self.dispatch.try_peek() {
-            // Frees the space and wakes a server thread waiting for room,
-            // with one fence for both handshakes.
             let _ = g.release_notify(&self.link.dispatch_bell);
         }
-        if matches!(self.ready(), Ok(false)) {
-            let _ = self.enter_empty();
+    }
+
+    /// Sets the counter for the messages in the ring if a spin left it
+    /// possibly at 0 ("holds messages" in the module docs).
+    fn unquiet(&mut self) {
+        if std::mem::take(&mut self.quiet) {
+            self.link.dispatch_bell.eventfd().signal();
         }
     }
 
