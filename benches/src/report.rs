@@ -137,7 +137,7 @@ impl Outcome {
 /// bandwidth for bulk ones, rate for the rest. Returns (value, lower is better).
 fn headline(o: &Outcome) -> Option<(f64, bool)> {
     match o.workload {
-        Workload::Rr64 | Workload::Rr64Sleep | Workload::Rr64Spin => {
+        Workload::Rr64 | Workload::Rr64Sleep | Workload::Rr64Spin | Workload::Rr64Async => {
             (o.median_ns > 0).then_some((o.median_ns as f64, true))
         }
         Workload::Ev4k | Workload::Rr1m => (o.gbps > 0.0).then_some((o.gbps, false)),

@@ -121,6 +121,7 @@ pub fn client(endpoint: &str, p: Params, policy: WaitPolicy) -> Sample {
             let client = connect(endpoint, &p, policy);
             pipelined(&client, p.count, payload_len)
         }
+        Workload::Rr64Async => async_round_trips(endpoint, &p, policy, payload_len),
         Workload::Rr1m => {
             let client = connect(endpoint, &p, policy);
             let mut req = vec![0x5au8; payload_len];
@@ -191,6 +192,46 @@ fn round_trips(client: &Client, count: u64, payload_len: usize) -> Sample {
         }
     }
     Sample::new(Some(&hist), count, 0, start, now_ns())
+}
+
+/// `rr64` from the async client: one task calling in turn on a two-worker
+/// multi-thread runtime (what a tokio service talking to a coroipc daemon
+/// looks like).
+fn async_round_trips(endpoint: &str, p: &Params, policy: WaitPolicy, payload_len: usize) -> Sample {
+    let rt = async_runtime();
+    let builder = Client::builder(endpoint, SERVICE).sizes(sizes_for(p)).wait_policy(policy);
+    let count = p.count;
+    rt.block_on(async move {
+        let client = builder.connect_async().await.unwrap_or_else(|e| panic!("connect: {e}"));
+        tokio::spawn(async move {
+            let mut req = vec![0u8; payload_len];
+            let mut hist = histogram();
+            let warmup = (count / 10).clamp(100, 10_000);
+            let mut start = now_ns();
+            for seq in 0..count + warmup {
+                if seq == warmup {
+                    start = now_ns();
+                }
+                req[..8].copy_from_slice(&seq.to_le_bytes());
+                let t0 = Instant::now();
+                let resp = client.call(cmd::ECHO, &req).await.expect("async rr call");
+                let dt = t0.elapsed().as_nanos() as u64;
+                assert_eq!(resp.len(), payload_len);
+                check_seq(&resp, seq, "async rr");
+                if seq >= warmup {
+                    hist.record(dt).expect("in range");
+                }
+            }
+            Sample::new(Some(&hist), count, 0, start, now_ns())
+        })
+        .await
+        .expect("the calling task")
+    })
+}
+
+/// The runtime of the async workloads: multi-thread, two workers.
+pub fn async_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
 }
 
 fn pipelined(client: &Client, count: u64, payload_len: usize) -> Sample {

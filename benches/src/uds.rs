@@ -123,6 +123,7 @@ pub fn client(path: &str, p: Params) -> Sample {
             }
             Sample::new(Some(&hist), p.count, 0, start, now_ns())
         }
+        Workload::Rr64Async => async_round_trips(path, &p, payload_len),
         Workload::Rr64Pipe => {
             let s = connect();
             let mut w = s.try_clone().expect("clone");
@@ -192,4 +193,45 @@ pub fn client(path: &str, p: Params) -> Sample {
             Sample::new(Some(&hist), p.count, 0, start, now_ns())
         }
     }
+}
+
+/// `rr64` from tokio: one task calling in turn over a `tokio::net::UnixStream`
+/// on the same runtime as the coroipc async client.
+fn async_round_trips(path: &str, p: &Params, payload_len: usize) -> Sample {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = crate::rpc::async_runtime();
+    let (path, count) = (path.to_owned(), p.count);
+    rt.block_on(async move {
+        tokio::spawn(async move {
+            let mut s = tokio::net::UnixStream::connect(&path).await.expect("connect");
+            let mut req = vec![0u8; payload_len];
+            let mut frame = Vec::new();
+            let mut buf = Vec::new();
+            let mut hist = histogram();
+            let warmup = (count / 10).clamp(100, 10_000);
+            let mut start = now_ns();
+            for seq in 0..count + warmup {
+                if seq == warmup {
+                    start = now_ns();
+                }
+                req[..8].copy_from_slice(&seq.to_le_bytes());
+                let t0 = Instant::now();
+                frame.clear();
+                write_frame(&mut frame, u32::from(cmd::ECHO), seq, &req).expect("frame");
+                s.write_all(&frame).await.expect("uds write");
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len).await.expect("uds read");
+                buf.resize(u32::from_le_bytes(len) as usize, 0);
+                s.read_exact(&mut buf).await.expect("uds read");
+                let dt = t0.elapsed().as_nanos() as u64;
+                check_seq(&buf, seq, "uds async rr");
+                if seq >= warmup {
+                    hist.record(dt).expect("in range");
+                }
+            }
+            Sample::new(Some(&hist), count, 0, start, now_ns())
+        })
+        .await
+        .expect("the calling task")
+    })
 }

@@ -13,6 +13,9 @@ pub enum Workload {
     Rr64Spin,
     /// `rr64` with 32 requests in flight.
     Rr64Pipe,
+    /// `rr64` from an async client: one task calling in turn, on a
+    /// two-worker multi-thread tokio runtime.
+    Rr64Async,
     /// 2,000,000 dispatch messages of 64 B, server → client.
     Ev64,
     /// 500,000 dispatch messages of 4096 B.
@@ -26,11 +29,12 @@ pub enum Workload {
 }
 
 /// Every workload, in table order.
-pub const ALL: [Workload; 9] = [
+pub const ALL: [Workload; 10] = [
     Workload::Rr64,
     Workload::Rr64Sleep,
     Workload::Rr64Spin,
     Workload::Rr64Pipe,
+    Workload::Rr64Async,
     Workload::Ev64,
     Workload::Ev4k,
     Workload::Rr1m,
@@ -60,6 +64,7 @@ impl Workload {
             Self::Rr64Sleep => "rr64-sleep",
             Self::Rr64Spin => "rr64-spin",
             Self::Rr64Pipe => "rr64-pipe",
+            Self::Rr64Async => "rr64-async",
             Self::Ev64 => "ev64",
             Self::Ev4k => "ev4k",
             Self::Rr1m => "rr1m",
@@ -85,7 +90,7 @@ impl Workload {
     /// Operations per run (per client for `fanin`); `quick` for `--quick`.
     pub fn default_count(self, quick: bool) -> u64 {
         let (full, q) = match self {
-            Self::Rr64 | Self::Rr64Sleep | Self::Rr64Spin => (200_000, 20_000),
+            Self::Rr64 | Self::Rr64Sleep | Self::Rr64Spin | Self::Rr64Async => (200_000, 20_000),
             Self::Rr64Pipe => (1_000_000, 100_000),
             Self::Ev64 => (2_000_000, 200_000),
             Self::Ev4k => (500_000, 50_000),

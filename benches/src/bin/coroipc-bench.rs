@@ -327,7 +327,7 @@ fn run(p: Params, t: Transport) -> Outcome {
 fn floor_outcome(p: Params) -> Outcome {
     let w = p.workload;
     match w {
-        Workload::Rr64 | Workload::Rr64Spin => {
+        Workload::Rr64 | Workload::Rr64Spin | Workload::Rr64Async => {
             let s = floor::ping_pong(Kind::Spin, p.count, p.cpu);
             Outcome::from_samples(w, Transport::Floor, &[s], "cache-line ping-pong")
         }
