@@ -18,7 +18,7 @@ fn main() -> Result<(), coroipc_client::Error> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(coroipc_client::Error::Io)?;
+        .map_err(coroipc_client::Error::from)?;
     rt.block_on(async {
         let client = Arc::new(AsyncClient::connect(&endpoint, ECHO_SERVICE).await?);
         let tasks: Vec<_> = (0..16u32)

@@ -50,8 +50,9 @@ fn add(client: &Client, n: i64) -> Result<i64, Error> {
 pub fn watch(client: &Client, input: impl BufRead + AsFd, out: &mut impl Write) -> Result<(), Error> {
     let mut buf = [0u8; 8];
     client.call(CMD_GET, b"", &mut buf)?;
-    writeln!(out, "counter is {}; watching (type \"add N\")", i64::from_le_bytes(buf)).map_err(Error::Io)?;
-    let input_fd = input.as_fd().try_clone_to_owned().map_err(Error::Io)?;
+    writeln!(out, "counter is {}; watching (type \"add N\")", i64::from_le_bytes(buf))
+        .map_err(Error::from)?;
+    let input_fd = input.as_fd().try_clone_to_owned().map_err(Error::from)?;
     let mut lines = BufReader::new(input);
     loop {
         // `Client: AsFd` is the dispatch fd. No timeout needed: a server
@@ -59,23 +60,23 @@ pub fn watch(client: &Client, input: impl BufRead + AsFd, out: &mut impl Write) 
         let mut fds = [PollFd::new(client, PollFlags::IN), PollFd::new(&input_fd, PollFlags::IN)];
         match poll(&mut fds, None) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(Error::Io(e.into())),
+            Err(e) => return Err(Error::from(std::io::Error::from(e))),
         }
         if !fds[0].revents().is_empty() {
             // Readable: one notification (or the reason the server went).
             match client.try_recv_dispatch(&mut buf) {
                 Ok(info) => {
                     writeln!(out, "changed: {} (notification #{})", i64::from_le_bytes(buf), info.seq)
-                        .map_err(Error::Io)?;
+                        .map_err(Error::from)?;
                     if client.dispatch_flow_control() == FlowState::On {
                         writeln!(out, "(the server is queueing notifications until we catch up)")
-                            .map_err(Error::Io)?;
+                            .map_err(Error::from)?;
                     }
                 }
                 Err(Error::TryAgain) => {}
                 // Why: server or service shut down, too slow, server died…
                 Err(Error::Disconnected(reason)) => {
-                    writeln!(out, "disconnected: {reason}").map_err(Error::Io)?;
+                    writeln!(out, "disconnected: {reason}").map_err(Error::from)?;
                     return Ok(());
                 }
                 Err(e) => return Err(e),
@@ -85,7 +86,7 @@ pub fn watch(client: &Client, input: impl BufRead + AsFd, out: &mut impl Write) 
             // A line (and whatever else is buffered already).
             loop {
                 let mut line = String::new();
-                if lines.read_line(&mut line).map_err(Error::Io)? == 0 {
+                if lines.read_line(&mut line).map_err(Error::from)? == 0 {
                     return Ok(());
                 }
                 let mut words = line.split_whitespace();
@@ -97,7 +98,7 @@ pub fn watch(client: &Client, input: impl BufRead + AsFd, out: &mut impl Write) 
                     (None, _) => Ok(()),
                     _ => writeln!(out, "commands: add N"),
                 }
-                .map_err(Error::Io)?;
+                .map_err(Error::from)?;
                 if lines.buffer().is_empty() {
                     break;
                 }

@@ -153,10 +153,20 @@ impl ClientBuilder {
     ///
     /// `Io` if nobody listens.
     pub fn connect_nonblocking(self) -> Result<PendingClient> {
-        let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
-        let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
-        let pending = PendingConnect::connect_with(&endpoint, &hello, &self.connect_options())?;
-        Ok(PendingClient { pending, builder: self })
+        let started = (|| {
+            let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
+            let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
+            Ok(PendingConnect::connect_with(&endpoint, &hello, &self.connect_options())?)
+        })();
+        match started {
+            Ok(pending) => Ok(PendingClient { pending, builder: self }),
+            Err(e) => Err(self.name_in(e)),
+        }
+    }
+
+    /// `e` with this builder's endpoint and service in its message.
+    fn name_in(&self, e: Error) -> Error {
+        e.naming(&self.endpoint, self.service)
     }
 
     /// The parts of a client over an established channel.
@@ -164,9 +174,9 @@ impl ClientBuilder {
         channel.set_wait_policy(self.policy);
         // Duplicates of the socket and the dispatch fd, to sleep on without
         // any lock.
-        let socket_fd = channel.socket_fd().try_clone_to_owned().map_err(Error::Io)?;
+        let socket_fd = channel.socket_fd().try_clone_to_owned().map_err(Error::from)?;
         let (requests, dispatch, status) = channel.split();
-        let dispatch_fd = dispatch.dispatch_fd().try_clone_to_owned().map_err(Error::Io)?;
+        let dispatch_fd = dispatch.dispatch_fd().try_clone_to_owned().map_err(Error::from)?;
         let core = Core {
             channel: requests,
             next_seq: 1,
@@ -200,7 +210,7 @@ impl PendingClient {
     ///
     /// As [`ClientBuilder::connect`].
     pub fn poll(&mut self) -> Result<bool> {
-        Ok(self.pending.poll()?)
+        self.pending.poll().map_err(|e| self.builder.name_in(e.into()))
     }
 
     /// Finishes the connection (validation and mapping; no waiting).
@@ -209,8 +219,9 @@ impl PendingClient {
     ///
     /// As [`ClientBuilder::connect`].
     pub fn finish(self) -> Result<Client> {
-        let channel = self.pending.finish()?;
-        Client::assemble(self.builder.adopt(channel)?)
+        let builder = self.builder;
+        let channel = self.pending.finish().map_err(|e| builder.name_in(e.into()))?;
+        Client::assemble(builder.adopt(channel)?)
     }
 }
 
@@ -238,7 +249,8 @@ impl Client {
         // What the application polls: readable while a dispatch message is
         // pending (the dispatch eventfd is kept level by the transport),
         // and when the server went away, even killed (its socket hangs up).
-        let poll_fd = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| Error::Io(e.into()))?;
+        let poll_fd =
+            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| Error::from(std::io::Error::from(e)))?;
         for (fd, tag) in [(&parts.dispatch_fd, 0u64), (&parts.socket_fd, 1)] {
             epoll::add(
                 &poll_fd,
@@ -246,7 +258,7 @@ impl Client {
                 epoll::EventData::new_u64(tag),
                 epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
             )
-            .map_err(|e| Error::Io(e.into()))?;
+            .map_err(|e| Error::from(std::io::Error::from(e)))?;
         }
         Ok(Client {
             core: Mutex::new(parts.core),
@@ -265,10 +277,13 @@ impl Client {
 impl ClientBuilder {
     /// Connects and returns the parts of a client.
     pub(crate) fn open(self) -> Result<Parts> {
-        let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
-        let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
-        let channel = ClientChannel::connect_with(&endpoint, &hello, &self.connect_options())?;
-        self.adopt(channel)
+        let opened = (|| {
+            let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
+            let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
+            let channel = ClientChannel::connect_with(&endpoint, &hello, &self.connect_options())?;
+            self.adopt(channel)
+        })();
+        opened.map_err(|e| self.name_in(e))
     }
 }
 
@@ -1187,7 +1202,7 @@ impl Client {
         let ts = left.map(|d| Timespec::try_from(d).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 }));
         match poll(&mut fds, ts.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
-            Err(e) => Err(Error::Io(e.into())),
+            Err(e) => Err(Error::from(std::io::Error::from(e))),
         }
     }
 

@@ -2,14 +2,16 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use coroipc_transport::channel::{ChannelError, ConnectError};
 use coroipc_transport::control::DisconnectReason;
 use coroipc_transport::handshake::Refusal;
 use coroipc_transport::message::Status;
 
-/// Everything a client call can fail with.
-#[derive(Debug)]
+/// Everything a client call can fail with. `Clone + PartialEq` (two `Io`
+/// errors are equal when their kind and OS error code are).
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// Not possible now (request flow control on, ring full, server busy,
@@ -69,8 +71,32 @@ pub enum Error {
     Service(u32),
     /// The server broke the protocol (bad handshake, bad shared memory).
     Protocol(String),
-    /// Reaching the server failed (no such socket, permission, …).
-    Io(io::Error),
+    /// Reaching the server failed (no such socket, permission, …); the
+    /// message names the endpoint and the service.
+    Io(Arc<io::Error>),
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Self::Io(Arc::new(e))
+    }
+}
+
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        use Error::*;
+        match (self, other) {
+            (Io(a), Io(b)) => a.kind() == b.kind() && a.raw_os_error() == b.raw_os_error(),
+            (WrongServer { expected: a, actual: b }, WrongServer { expected: c, actual: d }) => {
+                a == c && b == d
+            }
+            (Disconnected(a), Disconnected(b)) => a == b,
+            (BufferTooSmall { needed: a }, BufferTooSmall { needed: b }) => a == b,
+            (Service(a), Service(b)) => a == b,
+            (Protocol(a), Protocol(b)) => a == b,
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b) && a.is_unit(),
+        }
+    }
 }
 
 impl fmt::Display for Error {
@@ -103,7 +129,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::Io(e) => Some(e),
+            Self::Io(e) => Some(&**e),
             _ => None,
         }
     }
@@ -135,7 +161,7 @@ impl From<ConnectError> for Error {
                 Refusal::Invalid => Self::Invalid,
                 Refusal::NoMemory => Self::NoMemory,
             },
-            ConnectError::Io(e) => Self::Io(e),
+            ConnectError::Io(e) => Self::from(e),
             ConnectError::Timeout => Self::Timeout,
             ConnectError::WrongServer { expected, actual } => Self::WrongServer { expected, actual },
             other => Self::Protocol(other.to_string()),
@@ -144,6 +170,31 @@ impl From<ConnectError> for Error {
 }
 
 impl Error {
+    /// Whether the variant carries no data (equality is the variant's).
+    fn is_unit(&self) -> bool {
+        !matches!(
+            self,
+            Self::Io(_)
+                | Self::WrongServer { .. }
+                | Self::Disconnected(_)
+                | Self::BufferTooSmall { .. }
+                | Self::Service(_)
+                | Self::Protocol(_)
+        )
+    }
+
+    /// This error with the endpoint and the service named in its message
+    /// (for the errors that carry one: `Io`, `Protocol`).
+    pub(crate) fn naming(self, endpoint: &str, service: u16) -> Self {
+        match self {
+            Self::Io(e) => {
+                Self::from(io::Error::new(e.kind(), format!("{endpoint} (service {service}): {e}")))
+            }
+            Self::Protocol(what) => Self::Protocol(format!("{endpoint} (service {service}): {what}")),
+            other => other,
+        }
+    }
+
     /// Why the connection is gone, if this error says it is.
     pub fn disconnect_reason(&self) -> Option<DisconnectReason> {
         match self {

@@ -76,15 +76,15 @@ impl ClientBuilder {
     pub async fn connect_async(self) -> Result<AsyncClient> {
         let parts = tokio::task::spawn_blocking(move || self.open())
             .await
-            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        let response_fd = parts.core.channel.response_fd().try_clone_to_owned().map_err(Error::Io)?;
+            .map_err(|e| Error::from(std::io::Error::other(e)))??;
+        let response_fd = parts.core.channel.response_fd().try_clone_to_owned().map_err(Error::from)?;
         // tokio deprecates its safe constructors because an arbitrary
         // `AsRawFd` type may hand out a different fd later (tokio#8587); an
         // `OwnedFd` owns one fixed descriptor until it drops, which is the
         // contract `register_with_interest` asks for. This crate forbids
         // `unsafe`, so use the safe (deprecated) form.
         #[allow(deprecated)]
-        let readable = |fd: OwnedFd| AsyncFd::with_interest(fd, Interest::READABLE).map_err(Error::Io);
+        let readable = |fd: OwnedFd| AsyncFd::with_interest(fd, Interest::READABLE).map_err(Error::from);
         Ok(AsyncClient {
             core: Mutex::new(parts.core),
             dispatch: Mutex::new(parts.dispatch),
@@ -296,7 +296,7 @@ impl AsyncClient {
             }
             tokio::select! {
                 ready = self.response_fd.readable() => {
-                    let mut guard = ready.map_err(Error::Io)?;
+                    let mut guard = ready.map_err(Error::from)?;
                     // Drain before the next look at the ring: an answer
                     // published after that look rings again (the
                     // announcement stays up while `_armed` lives).
@@ -361,7 +361,7 @@ impl AsyncClient {
             // message (it is level-triggered, see the transport).
             match self.dispatch_fd.poll_read_ready(cx) {
                 Poll::Ready(Ok(mut guard)) => guard.clear_ready(),
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::from(e))),
                 Poll::Pending => {
                     // A hung-up socket: the next look reports the reason.
                     if let Poll::Ready(Ok(mut guard)) = self.socket_fd.poll_read_ready(cx) {

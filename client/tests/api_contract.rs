@@ -291,3 +291,18 @@ mod async_client {
         });
     }
 }
+
+#[test]
+fn connect_errors_name_the_endpoint_and_the_service_and_compare_equal() {
+    let ep = format!("@coroipc-client-contract-nobody-{}", std::process::id());
+    let err = Client::connect(&ep, 3).expect_err("nobody listens");
+    assert!(matches!(err, Error::Io(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains(&ep) && text.contains("service 3"), "the message names both: {text}");
+    assert_eq!(err.clone(), err, "errors are Clone + PartialEq");
+    assert_ne!(err, Error::Timeout);
+    assert_eq!(
+        Error::Disconnected(coroipc_client::DisconnectReason::ServerDied).clone(),
+        Error::Disconnected(coroipc_client::DisconnectReason::ServerDied)
+    );
+}
