@@ -244,7 +244,7 @@ fn pipelined(client: &Client, count: u64, payload_len: usize) -> Sample {
     while done < count {
         while sent < count && tickets.len() < PIPELINE_DEPTH {
             req[..8].copy_from_slice(&sent.to_le_bytes());
-            match client.send(cmd::ECHO, &[IoSlice::new(&req)], Some(Duration::from_secs(10))) {
+            match client.send_vectored(cmd::ECHO, &[IoSlice::new(&req)], Some(Duration::from_secs(10))) {
                 Ok(t) => {
                     tickets.insert(t, sent);
                     sent += 1;

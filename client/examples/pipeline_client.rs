@@ -29,8 +29,11 @@ fn main() -> Result<(), coroipc_client::Error> {
     while done < count {
         // Keep the pipe full...
         while sent < count && in_flight.len() < DEPTH {
-            let ticket =
-                client.send(ECHO, &[IoSlice::new(&sent.to_le_bytes())], Some(Duration::from_secs(5)))?;
+            let ticket = client.send_vectored(
+                ECHO,
+                &[IoSlice::new(&sent.to_le_bytes())],
+                Some(Duration::from_secs(5)),
+            )?;
             in_flight.insert(ticket, sent);
             sent += 1;
         }

@@ -923,7 +923,21 @@ impl Client {
     /// `TryAgain` if `max_in_flight` requests are outstanding or (with a
     /// zero timeout) the ring is full or request flow control is on;
     /// `Timeout`, `TooBig`, `Disconnected`, `GuardHeld`.
-    pub fn send(&self, command: u16, request: &[IoSlice<'_>], timeout: Option<Duration>) -> Result<Ticket> {
+    pub fn send(&self, command: u16, request: &[u8], timeout: Option<Duration>) -> Result<Ticket> {
+        self.send_vectored(command, &[IoSlice::new(request)], timeout)
+    }
+
+    /// Gathering form of [`send`](Self::send).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub fn send_vectored(
+        &self,
+        command: u16,
+        request: &[IoSlice<'_>],
+        timeout: Option<Duration>,
+    ) -> Result<Ticket> {
         let mut deadline = Deadline::new(timeout);
         let mut core = self.core(&mut deadline)?;
         if core.outstanding.len() >= core.max_in_flight {
@@ -939,7 +953,16 @@ impl Client {
     /// # Errors
     ///
     /// As [`send`](Self::send).
-    pub fn send_oneway(
+    pub fn send_oneway(&self, command: u16, request: &[u8], timeout: Option<Duration>) -> Result<()> {
+        self.send_oneway_vectored(command, &[IoSlice::new(request)], timeout)
+    }
+
+    /// Gathering form of [`send_oneway`](Self::send_oneway).
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub fn send_oneway_vectored(
         &self,
         command: u16,
         request: &[IoSlice<'_>],

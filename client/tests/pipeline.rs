@@ -132,8 +132,9 @@ fn ten_thousand_pipelined_requests_answered_in_shuffled_order_match_their_reques
     while done < 10_000 {
         while sent < 10_000 && client.in_flight() < 256 {
             let payload = (sent * 7 + 1).to_le_bytes();
-            let ticket =
-                client.send(SHUFFLED, &[IoSlice::new(&payload)], Some(Duration::from_secs(5))).unwrap();
+            let ticket = client
+                .send_vectored(SHUFFLED, &[IoSlice::new(&payload)], Some(Duration::from_secs(5)))
+                .unwrap();
             expected.insert(ticket, payload);
             sent += 1;
         }
@@ -155,7 +156,7 @@ fn synchronous_calls_work_while_pipelined_requests_are_in_flight() {
     let client = Client::connect(&srv.endpoint, SERVICE).unwrap();
     let mut tickets = Vec::new();
     for i in 0..50u64 {
-        tickets.push((client.send(SHUFFLED, &[IoSlice::new(&i.to_le_bytes())], None).unwrap(), i));
+        tickets.push((client.send_vectored(SHUFFLED, &[IoSlice::new(&i.to_le_bytes())], None).unwrap(), i));
     }
     let mut buf = [0u8; 16];
     for i in 0..200u64 {
@@ -175,7 +176,7 @@ fn fire_and_forget_requests_arrive_and_get_no_response() {
     let srv = spawn_server("oneway");
     let client = Client::connect(&srv.endpoint, SERVICE).unwrap();
     for _ in 0..1000 {
-        client.send_oneway(COUNT, &[IoSlice::new(b"x")], Some(Duration::from_secs(5))).unwrap();
+        client.send_oneway_vectored(COUNT, &[IoSlice::new(b"x")], Some(Duration::from_secs(5))).unwrap();
     }
     let mut buf = [0u8; 8];
     // Requests on one connection are handled in order: the count is final.
@@ -233,7 +234,7 @@ fn async_client_makes_concurrent_calls_and_streams_dispatch() {
 fn a_pipelined_response_too_big_for_the_buffer_stays_with_its_ticket() {
     let srv = spawn_server("keep");
     let client = Client::connect(&srv.endpoint, SERVICE).unwrap();
-    let ticket = client.send(ECHO, &[IoSlice::new(&[9u8; 40])], None).unwrap();
+    let ticket = client.send_vectored(ECHO, &[IoSlice::new(&[9u8; 40])], None).unwrap();
     let mut small = [0u8; 8];
     let r = client.wait(ticket, &mut small, Some(Duration::from_secs(5)));
     assert!(matches!(r, Err(Error::BufferTooSmall { needed: 40 })), "{r:?}");

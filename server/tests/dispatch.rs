@@ -68,7 +68,7 @@ fn the_dispatch_fd_becomes_readable_when_a_message_arrives() {
     // A server thread dispatches 150 ms from now (CMD_DEFER), then answers.
     let mut req = 150u32.to_le_bytes().to_vec();
     req.extend_from_slice(b"ping");
-    let ticket = client.send(CMD_DEFER, &[IoSlice::new(&req)], Some(T)).expect("send");
+    let ticket = client.send_vectored(CMD_DEFER, &[IoSlice::new(&req)], Some(T)).expect("send");
     let start = Instant::now();
     assert!(fd_readable(dispatch_fd(&client), T), "the fd wakes a poll(2) sleeper");
     assert!(start.elapsed() >= Duration::from_millis(100), "woken by the message, not at once");
@@ -167,7 +167,7 @@ fn pausing_a_service_turns_on_request_flow_control_until_resumed() {
     server.proc.command(&format!("pause_service {SVC_ECHO} 1"), "OK");
     assert!(eventually(T, || client.request_flow_control() == FlowState::On), "the client sees it");
     let mut buf = [0u8; 16];
-    let r = client.send(CMD_ECHO, &[IoSlice::new(b"x")], Some(Duration::ZERO));
+    let r = client.send_vectored(CMD_ECHO, &[IoSlice::new(b"x")], Some(Duration::ZERO));
     assert!(matches!(r, Err(Error::TryAgain)), "a non-waiting send: {r:?}");
     let r = client.call_timeout(CMD_ECHO, &[IoSlice::new(b"x")], &mut buf, Some(Duration::from_millis(50)));
     assert!(matches!(r, Err(Error::Timeout)), "a bounded call: {r:?}");

@@ -35,7 +35,7 @@ fn a_poll_loop_serves_calls_promptly_without_relying_on_ticks() {
     // A second connection, and pipelined requests beyond one batch.
     let (other, _) = connect_echo(&server.ep);
     let tickets: Vec<_> = (0..100u32)
-        .map(|i| other.send(CMD_ECHO, &[IoSlice::new(&i.to_le_bytes())], Some(T)).unwrap())
+        .map(|i| other.send_vectored(CMD_ECHO, &[IoSlice::new(&i.to_le_bytes())], Some(T)).unwrap())
         .collect();
     let mut buf = [0u8; 8];
     let start = Instant::now();

@@ -184,7 +184,7 @@ fn flow_control_is_visible_to_clients_in_both_directions_and_matches_the_statist
     server.proc.command(&format!("pause {SVC_REL} 1"), "OK");
     assert!(eventually(T, || client.request_flow_control() == FlowState::On), "the client sees the pause");
     assert!(matches!(
-        client.send(CMD_ECHO, &[IoSlice::new(b"x")], Some(Duration::ZERO)),
+        client.send_vectored(CMD_ECHO, &[IoSlice::new(b"x")], Some(Duration::ZERO)),
         Err(Error::TryAgain)
     ));
     let mut buf = [0u8; 16];

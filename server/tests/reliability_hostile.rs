@@ -485,7 +485,7 @@ fn a_hostile_server_gets_errors_from_the_client_never_a_panic_or_a_hang() {
                     client.recv_dispatch(&mut buf, Some(bound)).map(drop),
                     client.call_in_place(CMD_ECHO, &[IoSlice::new(b"y")], Some(bound)).map(drop),
                     client
-                        .send(CMD_ECHO, &[IoSlice::new(b"z")], Some(bound))
+                        .send_vectored(CMD_ECHO, &[IoSlice::new(b"z")], Some(bound))
                         .and_then(|_| client.wait_any(&mut buf, Some(bound)).map(drop)),
                 ];
                 let took = t.elapsed();

@@ -71,8 +71,8 @@ fn oversize_request_is_too_big_and_nothing_is_sent() {
     let half = vec![2u8; (max - HDR) / 2 + 1];
     let parts = [IoSlice::new(&half), IoSlice::new(&half)];
     assert!(matches!(client.call_vectored(CMD_ECHO, &parts, &mut buf), Err(Error::TooBig)), "vectored");
-    assert!(matches!(client.send(CMD_ECHO, &parts, None), Err(Error::TooBig)), "pipelined");
-    assert!(matches!(client.send_oneway(CMD_ECHO, &parts, None), Err(Error::TooBig)), "oneway");
+    assert!(matches!(client.send_vectored(CMD_ECHO, &parts, None), Err(Error::TooBig)), "pipelined");
+    assert!(matches!(client.send_oneway_vectored(CMD_ECHO, &parts, None), Err(Error::TooBig)), "oneway");
     assert_eq!(client.in_flight(), 0, "nothing outstanding");
     assert!(matches!(client.call_in_place(CMD_ECHO, &parts, Some(T)), Err(Error::TooBig)), "zero-copy call");
     // The server saw none of them: one more request (the stats call itself).
@@ -119,7 +119,7 @@ fn a_call_whose_response_never_comes_times_out_and_the_connection_keeps_working(
     std::thread::sleep(Duration::from_millis(150));
     echo(&client, b"third");
     // Pipelined requests are matched by sequence number too.
-    let t = client.send(CMD_ECHO, &[IoSlice::new(b"piped")], Some(T)).expect("send");
+    let t = client.send_vectored(CMD_ECHO, &[IoSlice::new(b"piped")], Some(T)).expect("send");
     let n = client.wait(t, &mut buf, Some(T)).expect("wait");
     assert_eq!(&buf[..n], b"piped");
 }

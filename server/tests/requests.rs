@@ -156,8 +156,10 @@ fn deferred_responses_come_later_from_another_thread_in_any_order() {
     assert!(start.elapsed() >= Duration::from_millis(100), "answered after the delay");
     server.proc.expect_with("DEFERRED", "id", &id.to_string(), T);
     // Pipelined: the slow request is answered after the fast one.
-    let slow = client.send(CMD_DEFER, &[IoSlice::new(&defer(300, b"slow"))], Some(T)).expect("send slow");
-    let fast = client.send(CMD_DEFER, &[IoSlice::new(&defer(10, b"fast"))], Some(T)).expect("send fast");
+    let slow =
+        client.send_vectored(CMD_DEFER, &[IoSlice::new(&defer(300, b"slow"))], Some(T)).expect("send slow");
+    let fast =
+        client.send_vectored(CMD_DEFER, &[IoSlice::new(&defer(10, b"fast"))], Some(T)).expect("send fast");
     assert_eq!(client.in_flight(), 2);
     let (first, r) = client.wait_any(&mut buf, Some(T)).expect("first answer");
     assert_eq!(first, fast, "the fast request is answered first");
@@ -180,7 +182,7 @@ fn deferred_responses_come_later_from_another_thread_in_any_order() {
 fn a_late_response_to_a_departed_client_is_an_error_not_a_panic() {
     let mut server = start_server("late", &[]);
     let (client, id) = connect_echo(&server.ep);
-    client.send(CMD_LATE_AFTER_CLOSE, &[], Some(T)).expect("send");
+    client.send_vectored(CMD_LATE_AFTER_CLOSE, &[], Some(T)).expect("send");
     server.proc.expect_with("LATE_PARKED", "id", &id.to_string(), T);
     drop(client);
     let late = server.proc.expect_with("LATE", "id", &id.to_string(), T);
@@ -280,8 +282,8 @@ fn threads_sharing_one_client_get_their_own_answers() {
 fn a_oneway_request_runs_its_handler_and_gets_no_response() {
     let mut server = start_server("oneway", &[]);
     let (client, id) = connect_echo(&server.ep);
-    client.send_oneway(CMD_COUNT, &[], Some(T)).expect("oneway");
-    client.send_oneway(CMD_UNKNOWN, &[], Some(T)).expect("oneway to nothing: no answer either");
+    client.send_oneway_vectored(CMD_COUNT, &[], Some(T)).expect("oneway");
+    client.send_oneway_vectored(CMD_UNKNOWN, &[], Some(T)).expect("oneway to nothing: no answer either");
     let mut buf = [0u8; 8];
     client.call(CMD_COUNT, b"", &mut buf).expect("count");
     assert_eq!(u64::from_le_bytes(buf), 2, "the oneway request ran its handler");
