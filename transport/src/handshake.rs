@@ -1048,17 +1048,10 @@ mod tests {
     /// field checks are reached.
     #[test]
     fn pseudo_random_input_never_panics() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            // xorshift64*
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        };
+        let mut rng = coroipc_testkit::XorShift::new(0x9e37_79b9_7f4a_7c15);
         for round in 0..20_000 {
-            let len = [HELLO_LEN, REPLY_LEN, (next() % 128) as usize][round % 3];
-            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let len = [HELLO_LEN, REPLY_LEN, rng.below(128) as usize][round % 3];
+            let mut buf = rng.bytes(len);
             if round % 2 == 0 && len >= HEADER_LEN {
                 put_header(&mut buf, len);
             }
