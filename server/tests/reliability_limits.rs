@@ -5,7 +5,6 @@
 //! error), never spins, and goes on serving honest clients.
 
 use std::os::fd::OwnedFd;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, Error};
@@ -205,6 +204,3 @@ fn the_memory_budget_refuses_the_connection_that_would_exceed_it_and_closing_giv
         assert!(matches!(connect_other(&server.ep), Err(Error::NoMemory)), "budget {budget}: full again");
     }
 }
-
-#[allow(dead_code)]
-fn _unused(_: Receiver<String>) {}

@@ -4,7 +4,6 @@
 //! sent; a worker thread waiting for a non-reading client's ring space
 //! never stalls the event loop.
 
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, Error};
@@ -153,6 +152,3 @@ fn deferred_answers_waiting_for_a_non_reading_client_do_not_stall_other_connecti
     eprintln!("200 calls in {:?}", start.elapsed());
     drop(raw);
 }
-
-#[allow(dead_code)]
-fn _unused(_: Receiver<String>) {}
