@@ -50,7 +50,7 @@ type RawId = u64;
 pub const LISTENER_TOKEN: Token = Token(0);
 /// The waker's token (other threads wake the loop through it).
 pub const WAKER_TOKEN: Token = Token(1);
-const FIRST_CONNECTION_ID: u64 = 2;
+const FIRST_CONNECTION_ID: RawId = 2;
 
 /// Requests handled per connection before the loop moves on to the next
 /// one (fairness between connections).
@@ -118,8 +118,8 @@ pub struct Server {
     spin: Duration,
     handshake_timeout: Duration,
     response_timeout: Duration,
-    next_id: u64,
-    pending: HashMap<u64, PendingHandshake>,
+    next_id: RawId,
+    pending: HashMap<RawId, PendingHandshake>,
     /// Looked up several times per request: keyed by the server's own
     /// sequential ids, so an identity hash is enough (SipHash showed in the
     /// rr64 profile).
@@ -217,7 +217,7 @@ impl Server {
         self.arm_for_sleep(poller);
     }
 
-    fn ready(&mut self, id: u64, poller: &mut dyn Poller) {
+    fn ready(&mut self, id: RawId, poller: &mut dyn Poller) {
         if self.pending.contains_key(&id) {
             self.advance_handshake(id, poller);
             return;
@@ -310,7 +310,7 @@ impl Server {
                 }
             }
         }
-        let stale: Vec<u64> = self
+        let stale: Vec<RawId> = self
             .pending
             .iter()
             .filter(|(_, p)| now.duration_since(p.started()) > self.handshake_timeout)

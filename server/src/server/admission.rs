@@ -34,7 +34,7 @@ use coroipc_transport::channel::{layout_for, negotiate, PendingHandshake};
 use coroipc_transport::eventfd::EventFd;
 use coroipc_transport::handshake::{HandshakeDecodeError, Refusal, ServerReply};
 
-use super::{lock, Entry, Server};
+use super::{lock, Entry, RawId, Server};
 use crate::connection::Connection;
 use crate::poll::{Poller, Token};
 use crate::service::ServiceDyn;
@@ -172,7 +172,7 @@ impl Server {
     /// Reads the hello of pending client `id`, if it has arrived, and
     /// takes the client through the admission checks (see the module docs)
     /// to a connection, or refuses it.
-    pub(super) fn advance_handshake(&mut self, id: u64, poller: &mut dyn Poller) {
+    pub(super) fn advance_handshake(&mut self, id: RawId, poller: &mut dyn Poller) {
         let Some(pending) = self.pending.get_mut(&id) else { return };
         let hello = match pending.poll_hello() {
             Ok(None) => return,
