@@ -23,6 +23,7 @@
 //!   separated names): `COROIPC_WAKE_SCENARIOS`, `COROIPC_WAKE_PLACEMENTS`
 //!   (`unpinned`, `unp+busy1`, `same-cpu`, `split-cpus`).
 
+use coroipc_benches::floor::{self, PAGE, PING, PONG};
 use coroipc_benches::proc::unpin;
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -54,13 +55,11 @@ const PIN_ENV: &str = "COROIPC_WAKE_PIN";
 /// Report mode: number of rounds.
 const REPORT_ENV: &str = "COROIPC_WAKE_REPORT";
 
-/// The value that tells a shared-memory or eventfd child to exit.
+/// The value that tells an eventfd child to exit.
 const STOP: u64 = 1 << 62;
+/// The value that tells a shared-memory child to exit (round trips carry
+/// `seq32`, which never reaches it).
 const STOP32: u32 = u32::MAX;
-/// Offsets of the ping and pong words: two cache lines apart (128 bytes,
-/// so the adjacent-line prefetcher does not pair them).
-const PING: usize = 0;
-const PONG: usize = 128;
 /// Total message size of our round trips: rr64, header included.
 const MESSAGE: usize = 64;
 
@@ -127,6 +126,16 @@ impl Scenario {
         }
     }
 
+    /// The floor ping-pong (`coroipc_benches::floor`) this scenario runs,
+    /// if it is one of the shared-memory floors.
+    fn floor_kind(self) -> Option<floor::Kind> {
+        match self {
+            Scenario::Spin => Some(floor::Kind::Spin),
+            Scenario::Futex => Some(floor::Kind::Futex),
+            _ => None,
+        }
+    }
+
     /// Busy-polls without bound: meaningless with both processes on one CPU.
     fn spins_forever(self) -> bool {
         matches!(self, Scenario::Spin | Scenario::OursSpin)
@@ -139,8 +148,9 @@ impl Scenario {
 
 /// The parent's end of one scenario.
 enum Ends {
-    /// A segment: ping word at [`PING`], pong word at [`PONG`].
-    Shared(Segment),
+    /// A segment: ping word at [`PING`], pong word at [`PONG`], the floor
+    /// ping-pong of `kind`.
+    Shared(Segment, floor::Kind),
     /// Write to `ping`, read from `pong` (eventfds, pipes).
     Fds {
         ping: OwnedFd,
@@ -186,9 +196,9 @@ impl Peer {
         };
         let ends = match scenario {
             Scenario::Spin | Scenario::Futex => {
-                let seg = Segment::create(4096).expect("memfd");
+                let seg = Segment::create(PAGE).expect("memfd");
                 stream.send_with_fds(b"S", &[seg.as_fd()]).expect("send memfd");
-                Ends::Shared(seg)
+                Ends::Shared(seg, scenario.floor_kind().expect("a floor"))
             }
             Scenario::EventFd => {
                 let ping = eventfd(0, EventfdFlags::CLOEXEC).expect("eventfd");
@@ -232,26 +242,8 @@ impl Peer {
         self.seq += 1;
         let seq = self.seq;
         match self.ends.as_mut().expect("running") {
-            Ends::Shared(seg) if self.scenario == Scenario::Spin => {
-                seg.atomic_u64(PING).store(seq, Ordering::Release);
-                let pong = seg.atomic_u64(PONG);
-                while pong.load(Ordering::Acquire) != seq {
-                    std::hint::spin_loop();
-                }
-            }
-            Ends::Shared(seg) => {
-                let seq = seq32(seq);
-                let ping = seg.atomic_u32(PING);
-                ping.store(seq, Ordering::Release);
-                futex::wake(ping, 1);
-                let pong = seg.atomic_u32(PONG);
-                loop {
-                    let v = pong.load(Ordering::Acquire);
-                    if v == seq {
-                        break;
-                    }
-                    let _ = futex::wait(pong, v, None);
-                }
+            Ends::Shared(seg, kind) => {
+                floor::ping(*kind, seg.atomic_u32(PING), seg.atomic_u32(PONG), seq32(seq));
             }
             Ends::Fds { ping, pong } => {
                 write_all(ping, &seq.to_ne_bytes());
@@ -286,10 +278,7 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         match self.ends.take() {
-            Some(Ends::Shared(seg)) if self.scenario == Scenario::Spin => {
-                seg.atomic_u64(PING).store(STOP, Ordering::Release);
-            }
-            Some(Ends::Shared(seg)) => {
+            Some(Ends::Shared(seg, _)) => {
                 seg.atomic_u32(PING).store(STOP32, Ordering::Release);
                 futex::wake_all(seg.atomic_u32(PING));
             }
@@ -358,48 +347,16 @@ fn child_main(name: &str) {
     };
     let mut fds = stream.recv_exact_with_fds(&mut tag, want).expect("descriptors").into_iter();
     match scenario {
-        Scenario::Spin => {
-            let seg = Segment::from_fd(fds.next().expect("memfd"), 4096).expect("segment");
-            let (ping, pong) = (seg.atomic_u64(PING), seg.atomic_u64(PONG));
-            let mut last = 0;
-            let mut idle = 0u32;
-            loop {
-                let v = ping.load(Ordering::Acquire);
-                if v == last {
-                    std::hint::spin_loop();
-                    idle = idle.wrapping_add(1);
-                    // A parent that died without stopping us: do not spin forever.
-                    if idle % (1 << 20) == 0 && socket_hung_up(&stream) {
-                        return;
-                    }
-                    continue;
-                }
-                if v == STOP {
-                    return;
-                }
-                pong.store(v, Ordering::Release);
-                last = v;
-            }
-        }
-        Scenario::Futex => {
-            let seg = Segment::from_fd(fds.next().expect("memfd"), 4096).expect("segment");
+        Scenario::Spin | Scenario::Futex => {
+            let kind = scenario.floor_kind().expect("a floor");
+            let seg = Segment::from_fd(fds.next().expect("memfd"), PAGE as u64).expect("segment");
             let (ping, pong) = (seg.atomic_u32(PING), seg.atomic_u32(PONG));
             let mut last = 0;
-            loop {
-                let v = ping.load(Ordering::Acquire);
-                if v == last {
-                    if futex::wait(ping, last, Some(Duration::from_millis(100))).is_err()
-                        && socket_hung_up(&stream)
-                    {
-                        return;
-                    }
-                    continue;
-                }
+            // A parent that died without stopping us: its socket hangs up.
+            while let Some(v) = floor::pong(kind, ping, pong, last, || socket_hung_up(&stream)) {
                 if v == STOP32 {
                     return;
                 }
-                pong.store(v, Ordering::Release);
-                futex::wake(pong, 1);
                 last = v;
             }
         }

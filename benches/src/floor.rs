@@ -2,6 +2,10 @@
 //! cache-line ping-pong (the floor of any spinning round trip), futex and
 //! pipe ping-pong (the floors of a sleeping one), and single-thread memcpy
 //! bandwidth (the floor of any bulk transfer).
+//!
+//! The shared-memory ping-pong is also used step by step by the `wake`
+//! bench (`benches/benches/wake.rs`): [`ping`] is one round trip of the
+//! parent, [`pong`] one echo of the peer.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -15,10 +19,13 @@ use coroipc_transport::segment::Segment;
 use crate::proc::Proc;
 use crate::report::{histogram, now_ns, Sample};
 
-/// Offsets of the two ping-pong words: one 128-byte line each.
-const PING: usize = 0;
-const PONG: usize = 128;
-const PAGE: usize = 4096;
+/// Offset of the parent's word in the shared page.
+pub const PING: usize = 0;
+/// Offset of the peer's word: two cache lines after [`PING`] (128 bytes,
+/// so the adjacent-line prefetcher does not pair them).
+pub const PONG: usize = 128;
+/// Size of the shared page holding both words.
+pub const PAGE: usize = 4096;
 
 /// Which ping-pong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,7 +99,7 @@ fn ping_pong_inner(kind: Kind, count: u64, pin_args: &[String]) -> Sample {
                 .concat(),
             );
             peer.expect_line("READY");
-            let (ping, pong) = (seg.atomic_u32(PING), seg.atomic_u32(PONG));
+            let (ping_word, pong_word) = (seg.atomic_u32(PING), seg.atomic_u32(PONG));
             let mut hist = histogram();
             let mut start = now_ns();
             for seq in 1..=count + warmup {
@@ -100,11 +107,7 @@ fn ping_pong_inner(kind: Kind, count: u64, pin_args: &[String]) -> Sample {
                     start = now_ns();
                 }
                 let t0 = Instant::now();
-                ping.store(seq as u32, Ordering::Release);
-                if kind == Kind::Futex {
-                    futex::wake_all(ping);
-                }
-                wait_for(pong, seq as u32, kind);
+                ping(kind, ping_word, pong_word, seq as u32);
                 if seq > warmup {
                     hist.record(t0.elapsed().as_nanos() as u64).expect("in range");
                 }
@@ -159,6 +162,59 @@ fn ping_pong_inner(kind: Kind, count: u64, pin_args: &[String]) -> Sample {
     }
 }
 
+/// One round trip of the shared-memory ping-pong, parent side: publishes
+/// `seq` on `ping_word` (and wakes the peer for [`Kind::Futex`]), then
+/// waits until the peer echoed it on `pong_word` (spinning for
+/// [`Kind::Spin`], sleeping on the futex otherwise).
+#[inline]
+pub fn ping(kind: Kind, ping_word: &AtomicU32, pong_word: &AtomicU32, seq: u32) {
+    ping_word.store(seq, Ordering::Release);
+    if kind == Kind::Futex {
+        futex::wake_all(ping_word);
+    }
+    wait_for(pong_word, seq, kind);
+}
+
+/// One echo of the shared-memory ping-pong, peer side: waits until
+/// `ping_word` holds a value other than `last`, echoes it on `pong_word`
+/// (waking the parent for [`Kind::Futex`]) and returns it. While it waits
+/// it asks `gone` now and then (every 2^20 spins, or every futex wake-up
+/// or 100 ms sleep) whether the parent went away; `None` if so.
+#[inline]
+pub fn pong(
+    kind: Kind,
+    ping_word: &AtomicU32,
+    pong_word: &AtomicU32,
+    last: u32,
+    mut gone: impl FnMut() -> bool,
+) -> Option<u32> {
+    let mut idle = 0u32;
+    loop {
+        let v = ping_word.load(Ordering::Acquire);
+        if v != last {
+            pong_word.store(v, Ordering::Release);
+            if kind == Kind::Futex {
+                futex::wake_all(pong_word);
+            }
+            return Some(v);
+        }
+        match kind {
+            Kind::Spin => {
+                std::hint::spin_loop();
+                idle = idle.wrapping_add(1);
+                if idle % (1 << 20) == 0 && gone() {
+                    return None;
+                }
+            }
+            _ => {
+                if futex::wait(ping_word, last, Some(Duration::from_millis(100))).is_err() && gone() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 fn wait_for(word: &AtomicU32, value: u32, kind: Kind) {
     loop {
         let now = word.load(Ordering::Acquire);
@@ -181,14 +237,13 @@ pub fn peer(kind: Kind, fds: &str, count: u64) {
         Kind::Spin | Kind::Futex => {
             let file = open_parent_fd(fds[0], true, true);
             let seg = Segment::from_fd(OwnedFd::from(file), PAGE as u64).expect("sealed shared page");
-            let (ping, pong) = (seg.atomic_u32(PING), seg.atomic_u32(PONG));
+            let (ping_word, pong_word) = (seg.atomic_u32(PING), seg.atomic_u32(PONG));
             println!("READY");
+            let mut last = 0;
             for seq in 1..=count {
-                wait_for(ping, seq as u32, kind);
-                pong.store(seq as u32, Ordering::Release);
-                if kind == Kind::Futex {
-                    futex::wake_all(pong);
-                }
+                // The parent outlives its count; nothing to watch for.
+                last = pong(kind, ping_word, pong_word, last, || false).expect("the parent stays");
+                assert_eq!(u64::from(last), seq, "spin/futex floor: sequence");
             }
         }
         Kind::Pipe => {

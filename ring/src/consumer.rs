@@ -535,17 +535,11 @@ mod fetch_audit_tests {
     fn the_hostile_harness_runs_under_the_audit() {
         // The fuzz target's harness, on pseudo-random inputs: scribbled
         // headers, positions and records, each peek audited.
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = coroipc_testkit::XorShift::new(0x2545_f491_4f6c_dd1d);
         let rounds = if cfg!(miri) { 4 } else { 300 };
         for _ in 0..rounds {
-            let len = (next() % 1500) as usize;
-            let input: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let len = rng.below(1500) as usize;
+            let input = rng.bytes(len);
             crate::fuzz::ring_hostile(&input);
             crate::fuzz::ring_ops(&input);
         }

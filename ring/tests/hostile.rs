@@ -191,7 +191,7 @@ fn hostile_wait_and_flow_words_cost_only_spurious_work() {
 
 #[test]
 fn random_byte_flips_in_a_live_ring_never_panic() {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = XorShift::new(0x9e37_79b9_7f4a_7c15);
     for round in 0..300 {
         let r = fresh();
         let (mut tx, mut rx) = (r.producer(), r.consumer());
@@ -221,7 +221,7 @@ fn random_byte_flips_in_a_live_ring_never_panic() {
 
 #[test]
 fn fuzz_harnesses_survive_pseudo_random_inputs() {
-    let mut rng = Rng(42);
+    let mut rng = XorShift::new(42);
     for _ in 0..400 {
         let len = rng.below(2048) as usize;
         let input: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();

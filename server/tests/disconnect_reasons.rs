@@ -5,19 +5,20 @@
 //! word the server wrote). "Too slow" is in `outbound.rs` and
 //! `counter_example.rs`.
 
-mod common;
-mod relcommon;
-
 use std::time::Duration;
 
-use common::*;
 use coroipc_client::{Client, DisconnectReason, Error};
+use coroipc_testkit::suite::api::*;
+use coroipc_testkit::suite::rel;
 use coroipc_transport::control::Control;
 use coroipc_transport::message::MessageHeader;
 use coroipc_transport::waiter::socket_hung_up;
 
+coroipc_testkit::api_children!();
+coroipc_testkit::rel_children!(client_mode);
+
 /// The reliability suite's client modes (none needed here).
-fn client_mode(_name: &str) -> Option<relcommon::ClientMode> {
+fn client_mode(_name: &str) -> Option<rel::ClientMode> {
     None
 }
 
@@ -79,12 +80,12 @@ fn a_killed_server_says_server_died() {
 /// A hand-made client (of the reliability server) publishes `request`;
 /// returns the reason word the server left in the control block once it
 /// hung up.
-fn reason_after(tag: &str, request: impl FnOnce(&mut relcommon::Raw)) -> Option<DisconnectReason> {
-    let server = relcommon::TestServer::start(tag, &[]);
-    let mut raw = relcommon::raw_connect(&server.ep, Default::default());
+fn reason_after(tag: &str, request: impl FnOnce(&mut rel::Raw)) -> Option<DisconnectReason> {
+    let server = rel::start_server(tag, &[]);
+    let mut raw = rel::raw_connect(&server.ep, Default::default());
     request(&mut raw);
     raw.request_bell.signal();
-    assert!(common::eventually(T, || socket_hung_up(&raw.stream)), "the server dropped the client");
+    assert!(eventually(T, || socket_hung_up(&raw.stream)), "the server dropped the client");
     Control::new(&raw.segment, raw.accepted.layout.control.offset).disconnect_reason()
 }
 
@@ -104,10 +105,10 @@ fn a_corrupt_request_ring_says_corrupt_memory() {
     let reason = reason_after("why-corrupt", |raw| {
         // A record whose length word is garbage, published at the tail.
         let l = raw.accepted.layout;
-        let tail_word = raw.segment.atomic_u64((l.request.offset + relcommon::RING_TAIL) as usize);
+        let tail_word = raw.segment.atomic_u64((l.request.offset + rel::RING_TAIL) as usize);
         let tail = tail_word.load(Ordering::Acquire);
         let cap = u64::from(raw.accepted.sizes.request_ring_bytes);
-        let header = (l.request.offset + relcommon::RING_DATA + (tail % cap)) as usize;
+        let header = (l.request.offset + rel::RING_DATA + (tail % cap)) as usize;
         raw.segment.atomic_u64(header & !7).store(0x7fff_ffff_ffff_fff1, Ordering::Relaxed);
         tail_word.store(tail.wrapping_add(64), Ordering::Release);
     });

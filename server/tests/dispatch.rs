@@ -4,13 +4,13 @@
 //! flow control under a storm with nothing lost, notifications to every
 //! client, and request-side flow control.
 
-mod common;
-
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
-use common::*;
 use coroipc_client::{Client, Error, FlowState, Sizes};
+use coroipc_testkit::suite::api::*;
+
+coroipc_testkit::api_children!();
 
 const T: Duration = Duration::from_secs(10);
 

@@ -1,17 +1,17 @@
 //! The poll abstraction proven with a loop written elsewhere: the test
 //! server process drives `Server` from a hand-rolled `poll(2)` loop
-//! (`common::PollLoop`, a `Poller` over a list of (fd, token)) calling only
+//! (`coroipc_testkit::suite::api::PollLoop`, a `Poller` over a list of (fd, token)) calling only
 //! `handle_event` and `tick` — no built-in loop — and clients in this
 //! process use every feature through it.
-
-mod common;
 
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
-use common::*;
 use coroipc_client::{Client, DisconnectReason, Error};
 use coroipc_server::{Server, ServiceBuilder, LISTENER_TOKEN, WAKER_TOKEN};
+use coroipc_testkit::suite::api::*;
+
+coroipc_testkit::api_children!();
 
 const T: Duration = Duration::from_secs(10);
 

@@ -4,13 +4,13 @@
 //! disconnect, shutdown of one service and of the whole server waking
 //! blocked clients, statistics and the connection listing.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::*;
 use coroipc_client::{Client, DisconnectReason, Error};
+use coroipc_testkit::suite::api::*;
+
+coroipc_testkit::api_children!();
 
 const T: Duration = Duration::from_secs(10);
 

@@ -4,13 +4,13 @@
 //! both directions with matching statistics, and a client that never reads
 //! its dispatch channel.
 
-mod relcommon;
-
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, Error, FlowState, Sizes};
-use relcommon::*;
+use coroipc_testkit::suite::rel::*;
+
+coroipc_testkit::rel_children!(client_mode);
 
 fn client_mode(_name: &str) -> Option<ClientMode> {
     None
@@ -26,7 +26,7 @@ fn conn_stats(client: &Client) -> [u64; 6] {
 
 #[test]
 fn dispatch_storm_of_30000_messages_through_flow_control_arrives_complete_in_order_and_intact() {
-    let mut server = TestServer::start("storm", &[]);
+    let mut server = start_server("storm", &[]);
     // A small dispatch ring, so flow control goes on and off many times.
     let sizes = Sizes { dispatch_ring_bytes: 64 << 10, ..Sizes::default() };
     let client = connect_with(&server.ep, SVC_REL, sizes).expect("connect");
@@ -95,7 +95,7 @@ fn read_one(client: &Client, seq: &mut u64, len: usize, tag: u64) {
 
 #[test]
 fn dispatch_ring_exactly_full_at_the_wrap_point_and_records_ending_at_its_end() {
-    let server = TestServer::start("wrap", &[]);
+    let server = start_server("wrap", &[]);
     // A 4096-byte dispatch ring; records are 8 bytes of header + the
     // message rounded up to 8, at most half the ring (2048).
     let sizes = Sizes { dispatch_ring_bytes: 4096, max_message_bytes: 2040, ..Sizes::default() };
@@ -149,7 +149,7 @@ fn dispatch_ring_exactly_full_at_the_wrap_point_and_records_ending_at_its_end() 
 
 #[test]
 fn flow_control_is_visible_to_clients_in_both_directions_and_matches_the_statistics() {
-    let mut server = TestServer::start("flow", &[]);
+    let mut server = start_server("flow", &[]);
     let sizes = Sizes { dispatch_ring_bytes: 4096, max_message_bytes: 512, ..Sizes::default() };
     let client = connect_with(&server.ep, SVC_REL, sizes).expect("connect");
     welcome(&client);
@@ -177,7 +177,7 @@ fn flow_control_is_visible_to_clients_in_both_directions_and_matches_the_statist
         let [_, on, off, ..] = conn_stats(&client);
         assert_eq!((on, off), (round, round), "round {round}: the server counted the 'off'");
     }
-    let all = server.proc.command("stats", "STATS");
+    let all = server.stats();
     assert_eq!((num(&all, "flow_on"), num(&all, "flow_off")), (3, 3), "server-wide: {all}");
 
     // Request direction: the service is paused.
@@ -200,7 +200,7 @@ fn flow_control_is_visible_to_clients_in_both_directions_and_matches_the_statist
 
 #[test]
 fn a_client_that_never_reads_its_dispatch_channel_cannot_block_the_server_or_grow_it() {
-    let mut server = TestServer::start("noread", &[]);
+    let mut server = start_server("noread", &[]);
     let base = server.res();
     let sleeper = connect(&server.ep);
     let id = welcome(&sleeper);

@@ -5,8 +5,6 @@
 //! stays up, serves the others, and bounds its CPU and memory; the client
 //! returns errors, never panics or hangs.
 
-mod relcommon;
-
 use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
@@ -14,10 +12,12 @@ use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, Error};
+use coroipc_testkit::suite::rel::*;
 use coroipc_transport::handshake::{ClientHello, RingSizes, ServerReply, HELLO_LEN, REPLY_LEN};
 use coroipc_transport::socket::{Endpoint, Stream};
 use coroipc_transport::waiter::socket_hung_up;
-use relcommon::*;
+
+coroipc_testkit::rel_children!(client_mode);
 
 fn client_mode(name: &str) -> Option<ClientMode> {
     match name {
@@ -63,7 +63,7 @@ fn patched(hello: [u8; HELLO_LEN], at: usize, with: &[u8]) -> Vec<u8> {
 
 #[test]
 fn garbage_handshakes_are_refused_or_dropped_and_allocate_nothing() {
-    let mut server = TestServer::start("garbage-hs", &[]);
+    let mut server = start_server("garbage-hs", &[]);
     let base = server.res();
     let good = connect(&server.ep);
     welcome(&good);
@@ -133,7 +133,7 @@ fn garbage_handshakes_are_refused_or_dropped_and_allocate_nothing() {
 
 #[test]
 fn slow_loris_handshakes_do_not_block_other_connects_and_are_dropped_at_the_timeout() {
-    let mut server = TestServer::start("loris", &[(HS_TIMEOUT_MS, "300".into())]);
+    let mut server = start_server("loris", &[(HS_TIMEOUT_MS, "300".into())]);
     let base = server.res();
     let hello = ClientHello { service: SVC_REL, flags: 0, sizes: SMALL }.encode();
     let stalled: Vec<Stream> = (0..50)
@@ -202,7 +202,7 @@ fn scribble_mode(ep: &str, target: &str, _control: Receiver<String>) {
     let ranges = ranges(target, &raw);
     let window = if MUST_DROP.contains(&target) { Duration::from_secs(30) } else { Duration::from_secs(2) };
     report("READY", &format!("pid={} target={target}", std::process::id()));
-    let mut g = Garbage(u64::from(std::process::id()) << 32 | mono_ns() | 1);
+    let mut g = Garbage::new(u64::from(std::process::id()) << 32 | mono_ns() | 1);
     let mut sink = vec![0u8; 4096];
     let start = Instant::now();
     let mut rounds = 0u64;
@@ -251,7 +251,7 @@ fn scribbling_clients_are_dropped_while_others_are_served_with_bounded_cpu_and_m
     // values such as 8): only echo and tickle run, so that no random
     // request makes the service keep a handle (`CMD_HOLD`, `CMD_LATE`, …)
     // that the resource baseline below would count as a leak.
-    let mut server = TestServer::start("scribble", &[(ONLY_CMDS, format!("{CMD_ECHO},{CMD_TICKLE}"))]);
+    let mut server = start_server("scribble", &[(ONLY_CMDS, format!("{CMD_ECHO},{CMD_TICKLE}"))]);
     let base = server.res();
     let good = connect(&server.ep);
     welcome(&good);
@@ -335,7 +335,7 @@ fn flood_noread_mode(ep: &str, _arg: &str, _control: Receiver<String>) {
 
 #[test]
 fn clients_flooding_requests_and_never_reading_cannot_block_the_server_or_grow_it() {
-    let mut server = TestServer::start("flood", &[]);
+    let mut server = start_server("flood", &[]);
     let base = server.res();
     let mut flooders: Vec<ChildProc> = (0..3).map(|_| server.spawn_client("flood_noread", "")).collect();
     for f in &mut flooders {
@@ -404,7 +404,7 @@ fn hostile_server_mode(ep: &str, how: &str, _control: Receiver<String>) {
     let listener = Listener::bind(&Endpoint::parse(ep).unwrap()).expect("bind");
     report("READY", &format!("pid={}", std::process::id()));
     let limits = Limits::default();
-    let mut g = Garbage(mono_ns() | 1);
+    let mut g = Garbage::new(mono_ns() | 1);
     loop {
         let Some(s) = listener.try_accept().expect("accept") else {
             std::thread::sleep(Duration::from_millis(1));

@@ -4,14 +4,13 @@
 //! the server refuses politely (a typed refusal the client sees as a clear
 //! error), never spins, and goes on serving honest clients.
 
-mod relcommon;
-
 use std::os::fd::OwnedFd;
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, Error};
-use relcommon::*;
+use coroipc_testkit::suite::rel::*;
+
+coroipc_testkit::rel_children!(client_mode);
 
 fn client_mode(_name: &str) -> Option<ClientMode> {
     None
@@ -62,7 +61,7 @@ fn other_echo(client: &Client, payload: &[u8]) {
 
 #[test]
 fn a_flood_of_half_open_connects_at_a_low_descriptor_limit_neither_spins_nor_locks_out_honest_clients() {
-    let server = TestServer::start("halfopen", &[(NOFILE, "128".into())]);
+    let server = start_server("halfopen", &[(NOFILE, "128".into())]);
     let pid = server.proc.pid();
     let ready = server.ready.clone();
     eprintln!("server: {ready}");
@@ -91,7 +90,7 @@ fn a_flood_of_half_open_connects_at_a_low_descriptor_limit_neither_spins_nor_loc
 
 #[test]
 fn at_the_descriptor_limit_a_new_client_is_refused_with_connection_limit() {
-    let server = TestServer::start("fdlimit", &[(NOFILE, "128".into())]);
+    let server = start_server("fdlimit", &[(NOFILE, "128".into())]);
     let ready = server.ready.clone();
     let mut clients = Vec::new();
     let refusal = loop {
@@ -128,7 +127,7 @@ fn at_the_descriptor_limit_a_new_client_is_refused_with_connection_limit() {
 #[test]
 fn out_of_descriptors_the_server_refuses_politely_and_does_not_spin() {
     // Someone else in the server process took every descriptor left.
-    let server = TestServer::start("emfile", &[(HOG_FDS_LEAVE, "0".into())]);
+    let server = start_server("emfile", &[(HOG_FDS_LEAVE, "0".into())]);
     let pid = server.proc.pid();
     let ready = server.ready.clone();
     eprintln!("server: {ready}");
@@ -167,7 +166,7 @@ fn the_memory_budget_refuses_the_connection_that_would_exceed_it_and_closing_giv
     // A connection with the default sizes takes a little over 1 MiB; a
     // budget of 4 MB holds three. Once as the total, once per uid.
     for budget in ["4000000,1000000000", "1000000000,4000000"] {
-        let server = TestServer::start("membudget", &[(MEM_BUDGET, budget.into())]);
+        let server = start_server("membudget", &[(MEM_BUDGET, budget.into())]);
         let (mut clients, refusal) = fill(&server.ep, 20);
         eprintln!("budget {budget}: {} connections, then {refusal:?}", clients.len());
         assert!(
@@ -205,6 +204,3 @@ fn the_memory_budget_refuses_the_connection_that_would_exceed_it_and_closing_giv
         assert!(matches!(connect_other(&server.ep), Err(Error::NoMemory)), "budget {budget}: full again");
     }
 }
-
-#[allow(dead_code)]
-fn _unused(_: Receiver<String>) {}

@@ -5,14 +5,14 @@
 //! a handler, retried disconnect callbacks, dispatch from the connect
 //! callback.
 
-mod relcommon;
-
 use std::io::IoSlice;
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Error, Sizes};
-use relcommon::*;
+use coroipc_testkit::suite::rel::*;
+
+coroipc_testkit::rel_children!(client_mode);
 
 fn client_mode(name: &str) -> Option<ClientMode> {
     match name {
@@ -23,7 +23,7 @@ fn client_mode(name: &str) -> Option<ClientMode> {
 
 #[test]
 fn round_trips_at_every_size_from_32_bytes_to_the_negotiated_maximum_blocking_and_timed() {
-    let server = TestServer::start("sizes", &[]);
+    let server = start_server("sizes", &[]);
     let client = connect(&server.ep);
     welcome(&client);
     let max = client.max_message();
@@ -60,7 +60,7 @@ fn server_requests(client: &coroipc_client::Client) -> u64 {
 
 #[test]
 fn oversize_request_is_too_big_and_nothing_is_sent() {
-    let server = TestServer::start("oversize", &[]);
+    let server = start_server("oversize", &[]);
     let client = connect(&server.ep);
     welcome(&client);
     let max = client.max_message();
@@ -87,7 +87,7 @@ fn oversize_request_is_too_big_and_nothing_is_sent() {
 
 #[test]
 fn a_call_whose_response_never_comes_times_out_and_the_connection_keeps_working() {
-    let mut server = TestServer::start("never", &[]);
+    let mut server = start_server("never", &[]);
     let client = connect(&server.ep);
     welcome(&client);
     let mut buf = [0u8; 64];
@@ -157,7 +157,7 @@ fn server_death_mode(ep: &str, _arg: &str, _control: Receiver<String>) {
 
 #[test]
 fn server_sigkilled_mid_request_client_gets_connection_lost_within_100ms_and_cleans_up() {
-    let mut server = TestServer::start("srvdeath", &[]);
+    let mut server = start_server("srvdeath", &[]);
     let mut client = server.spawn_client("server_death", "");
     client.expect("READY", T);
     server.proc.expect("NEVER", T);
@@ -179,7 +179,7 @@ fn server_sigkilled_mid_request_client_gets_connection_lost_within_100ms_and_cle
 
 #[test]
 fn client_sigkilled_mid_request_mid_dispatch_and_while_the_server_sleeps_is_disconnected_once_and_freed() {
-    let mut server = TestServer::start("clideath", &[]);
+    let mut server = start_server("clideath", &[]);
     let base = server.res();
 
     // While the server sleeps in a handler (the event loop is busy).
@@ -225,7 +225,7 @@ fn client_sigkilled_mid_request_mid_dispatch_and_while_the_server_sleeps_is_disc
 
 #[test]
 fn disconnect_from_a_handler_with_a_retried_disconnect_callback_and_dispatch_from_connect() {
-    let mut server = TestServer::start("handler-disc", &[(RETRY, "2".into())]);
+    let mut server = start_server("handler-disc", &[(RETRY, "2".into())]);
     let base = server.res();
     let client = connect(&server.ep);
     // The connect callback's dispatch is the first message, seq 0.

@@ -3,15 +3,15 @@
 //! a busy service beside the accept path and other services, and a service
 //! shut down while a handler thread still holds a connection handle.
 
-mod relcommon;
-
 use std::io::IoSlice;
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, Error, Sizes};
+use coroipc_testkit::suite::rel::*;
 use coroipc_transport::handshake::{ClientHello, RingSizes, ServerReply, REPLY_LEN};
 use coroipc_transport::socket::{Endpoint, Stream};
-use relcommon::*;
+
+coroipc_testkit::rel_children!(client_mode);
 
 fn client_mode(_name: &str) -> Option<ClientMode> {
     None
@@ -19,7 +19,7 @@ fn client_mode(_name: &str) -> Option<ClientMode> {
 
 #[test]
 fn five_thousand_connect_disconnect_cycles_return_fds_memory_and_threads_to_their_start() {
-    let mut server = TestServer::start("cycles", &[]);
+    let mut server = start_server("cycles", &[]);
     let base = server.res();
     let small = Sizes {
         request_ring_bytes: 4096,
@@ -56,7 +56,7 @@ fn five_thousand_connect_disconnect_cycles_return_fds_memory_and_threads_to_thei
     // (Clients that leave before the connect callback ran make its
     // welcome dispatch fail with "disconnected": counted as errors, and
     // harmless.)
-    let all = server.proc.command("stats", "STATS");
+    let all = server.stats();
     eprintln!("server statistics: {all}");
 }
 
@@ -74,7 +74,7 @@ fn refusal_of(ep: &str, hello: &[u8]) -> String {
 
 #[test]
 fn auth_refusal_wrong_version_and_connection_limit_are_clear_errors_that_allocate_nothing() {
-    let mut server = TestServer::start("refusals", &[(MAX_CONN, "2".into())]);
+    let mut server = start_server("refusals", &[(MAX_CONN, "2".into())]);
     let base = server.res();
     let first = connect(&server.ep);
     welcome(&first);
@@ -119,7 +119,7 @@ fn auth_refusal_wrong_version_and_connection_limit_are_clear_errors_that_allocat
 
 #[test]
 fn a_busy_service_does_not_starve_the_accept_path_or_other_services() {
-    let server = TestServer::start("busy", &[]);
+    let server = start_server("busy", &[]);
     // Four processes hammer service 1 with round trips.
     let mut busy: Vec<ChildProc> = (0..4).map(|_| server.spawn_client("flood", "")).collect();
     for b in &mut busy {
@@ -162,7 +162,7 @@ fn a_busy_service_does_not_starve_the_accept_path_or_other_services() {
 
 #[test]
 fn a_service_shut_down_while_a_handler_thread_holds_a_connection_handle() {
-    let mut server = TestServer::start("svc-shutdown", &[]);
+    let mut server = start_server("svc-shutdown", &[]);
     let base = server.res();
     let client = connect(&server.ep);
     let id = welcome(&client);

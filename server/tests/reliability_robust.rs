@@ -4,13 +4,12 @@
 //! sent; a worker thread waiting for a non-reading client's ring space
 //! never stalls the event loop.
 
-mod relcommon;
-
-use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, Error};
-use relcommon::*;
+use coroipc_testkit::suite::rel::*;
+
+coroipc_testkit::rel_children!(client_mode);
 
 fn client_mode(_name: &str) -> Option<ClientMode> {
     None
@@ -37,7 +36,7 @@ fn still_serving(server: &TestServer, old: &Client, what: &str) {
 
 #[test]
 fn a_panicking_handler_or_callback_costs_only_its_call_or_connection() {
-    let mut server = TestServer::start("panic", &[]);
+    let mut server = start_server("panic", &[]);
     let honest = connect(&server.ep);
     welcome(&honest);
     still_serving(&server, &honest, "before any panic");
@@ -90,7 +89,7 @@ fn a_panicking_handler_or_callback_costs_only_its_call_or_connection() {
 
 #[test]
 fn service_status_codes_arrive_as_sent_and_reserved_codes_cannot_be_sent() {
-    let mut server = TestServer::start("status", &[]);
+    let mut server = start_server("status", &[]);
     let client = connect(&server.ep);
     welcome(&client);
     for code in [1000u32, 1001, 4242, 65_535, 65_536, u32::MAX - 1, u32::MAX] {
@@ -113,7 +112,7 @@ fn service_status_codes_arrive_as_sent_and_reserved_codes_cannot_be_sent() {
 
 #[test]
 fn deferred_answers_waiting_for_a_non_reading_client_do_not_stall_other_connections() {
-    let server = TestServer::start("defer-noread", &[]);
+    let server = start_server("defer-noread", &[]);
     // A hand-made client that asks for many deferred answers of 6000 bytes
     // (the response ring holds 64 KiB) and never reads one: worker threads
     // end up waiting for its ring space.
@@ -153,6 +152,3 @@ fn deferred_answers_waiting_for_a_non_reading_client_do_not_stall_other_connecti
     eprintln!("200 calls in {:?}", start.elapsed());
     drop(raw);
 }
-
-#[allow(dead_code)]
-fn _unused(_: Receiver<String>) {}

@@ -7,13 +7,13 @@
 //! Duration: `COROIPC_SOAK_SECS` (default 8, the CI length); the full
 //! soak is `COROIPC_SOAK_SECS=60` (see the README).
 
-mod relcommon;
-
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use coroipc_client::{Error, Sizes};
-use relcommon::*;
+use coroipc_testkit::suite::rel::*;
+
+coroipc_testkit::rel_children!(client_mode);
 
 fn client_mode(name: &str) -> Option<ClientMode> {
     match name {
@@ -101,7 +101,7 @@ fn soak_mode(ep: &str, _arg: &str, control: Receiver<String>) {
 #[test]
 fn soak_32_clients_with_a_sigkill_every_100ms_lose_nothing_and_the_server_stays_flat() {
     let secs = soak_secs();
-    let mut server = TestServer::start("soak", &[]);
+    let mut server = start_server("soak", &[]);
     let base = server.res();
     let mut clients: Vec<(ChildProc, bool)> =
         (0..CLIENTS).map(|_| (server.spawn_client("soak", ""), false)).collect();
@@ -110,7 +110,7 @@ fn soak_32_clients_with_a_sigkill_every_100ms_lose_nothing_and_the_server_stays_
         *ready = true;
     }
     let full = server.res();
-    let mut rng = Garbage(mono_ns() | 1);
+    let mut rng = Garbage::new(mono_ns() | 1);
     let mut samples = vec![full];
     let (mut killed, mut started) = (0u64, 0u64);
     let start = Instant::now();

@@ -3,14 +3,14 @@
 //! per-connection state, the selector, admission, unknown commands,
 //! deferred and late responses, sizes and timeouts.
 
-mod common;
-
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use coroipc_client::{Client, Error, Sizes};
+use coroipc_testkit::suite::api::*;
+
+coroipc_testkit::api_children!();
 
 const T: Duration = Duration::from_secs(10);
 

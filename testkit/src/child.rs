@@ -18,7 +18,7 @@ pub struct ChildProc {
 }
 
 /// Spawns this test binary's `#[ignore]` helper test `helper` (its full
-/// path, e.g. `common::test_server_process`) with `envs`.
+/// path, e.g. `test_server_process`, or `module::helper` for one in a module) with `envs`.
 ///
 /// # Panics
 ///

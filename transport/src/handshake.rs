@@ -61,7 +61,7 @@
 //! In an accepted reply every size is non-zero, and a power of two where it
 //! is a ring size; a *region* is a ring's header plus its data, so its
 //! length is at least the ring size (the control block's is at least 1);
-//! every region offset is a multiple of [`REGION_ALIGN`] = 128 bytes (the
+//! every region offset is a multiple of [`LAYOUT_ALIGN`] = 128 bytes (the
 //! cache-line separation the rings rely on); regions lie inside the segment
 //! and do not overlap. A refusal carries zeros in every field after the
 //! status.
@@ -88,8 +88,10 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"CIPC");
 /// The handshake protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
 
-/// The length of the header common to all versions and both messages.
-pub const HEADER_LEN: usize = 8;
+/// The length of the header common to all versions and both messages
+/// (magic, version, kind). Not the 16-byte message header of the data path
+/// ([`crate::message::HEADER_LEN`]).
+pub const COMMON_HEADER_LEN: usize = 8;
 
 /// The length of a version-1 [`ClientHello`] on the wire.
 pub const HELLO_LEN: usize = 32;
@@ -106,8 +108,13 @@ pub const MAX_RING_BYTES: u32 = 1 << 30;
 /// The largest message, in bytes.
 pub const MAX_MESSAGE_BYTES: u32 = MAX_RING_BYTES;
 
-/// The alignment of every region offset in the segment.
-pub const REGION_ALIGN: u64 = 128;
+/// The alignment of every offset in a [`SegmentLayout`]: the mapping is
+/// page-aligned, so a ring placed at any announced offset meets the ring's
+/// own base alignment ([`coroipc_ring::REGION_ALIGN`], a property of
+/// memory, where this is one of the wire format).
+pub const LAYOUT_ALIGN: u64 = 128;
+
+const _: () = assert!(LAYOUT_ALIGN as usize % coroipc_ring::REGION_ALIGN == 0);
 
 /// The hello flag bits defined in this version (none).
 const KNOWN_HELLO_FLAGS: u32 = 0;
@@ -295,7 +302,7 @@ pub enum HandshakeDecodeError {
         /// The value found.
         value: u64,
     },
-    /// A region offset that is not a multiple of [`REGION_ALIGN`].
+    /// A region offset that is not a multiple of [`LAYOUT_ALIGN`].
     Misaligned {
         /// The region's name.
         region: &'static str,
@@ -340,7 +347,7 @@ impl fmt::Display for HandshakeDecodeError {
                 write!(f, "{field} {value} is not a power of two")
             }
             Self::Misaligned { region, offset } => {
-                write!(f, "{region} offset {offset} is not {REGION_ALIGN}-aligned")
+                write!(f, "{region} offset {offset} is not {LAYOUT_ALIGN}-aligned")
             }
             Self::RegionOutOfSegment { region } => write!(f, "{region} lies outside the segment"),
             Self::RegionTooSmall { region } => write!(f, "{region} is smaller than its ring"),
@@ -413,7 +420,7 @@ fn put_header(b: &mut [u8], len: usize) {
 /// length) lets a reader report a foreign version as such, whatever its
 /// length.
 fn check_header(data: &[u8], len: usize) -> Result<(), HandshakeDecodeError> {
-    if data.len() < HEADER_LEN {
+    if data.len() < COMMON_HEADER_LEN {
         return Err(HandshakeDecodeError::WrongLength { expected: len, actual: data.len() });
     }
     let magic = get_u32(data, OFF_MAGIC);
@@ -579,7 +586,7 @@ impl Accepted {
             ("dispatch ring", layout.dispatch, self.sizes.dispatch_ring_bytes.into()),
         ];
         for (name, region, min_len) in regions {
-            if region.offset % REGION_ALIGN != 0 {
+            if region.offset % LAYOUT_ALIGN != 0 {
                 return Err(HandshakeDecodeError::Misaligned { region: name, offset: region.offset });
             }
             match region.end() {
@@ -1048,18 +1055,11 @@ mod tests {
     /// field checks are reached.
     #[test]
     fn pseudo_random_input_never_panics() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            // xorshift64*
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        };
+        let mut rng = coroipc_testkit::XorShift::new(0x9e37_79b9_7f4a_7c15);
         for round in 0..20_000 {
-            let len = [HELLO_LEN, REPLY_LEN, (next() % 128) as usize][round % 3];
-            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-            if round % 2 == 0 && len >= HEADER_LEN {
+            let len = [HELLO_LEN, REPLY_LEN, rng.below(128) as usize][round % 3];
+            let mut buf = rng.bytes(len);
+            if round % 2 == 0 && len >= COMMON_HEADER_LEN {
                 put_header(&mut buf, len);
             }
             fuzz_decode(&buf);

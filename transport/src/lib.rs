@@ -25,7 +25,9 @@
 //! - [`socket`]: Unix stream socket endpoints (path or abstract), a
 //!   nonblocking listener that replaces only stale socket files, descriptor
 //!   passing with `SCM_RIGHTS` (close-on-exec, truncation is an error), and
-//!   the peer's kernel-given credentials (`SO_PEERCRED`).
+//!   the peer's kernel-given credentials (`SO_PEERCRED`, read in the
+//!   private `peercred` module, which also makes sockets refuse the peer's
+//!   descriptors with `SO_PASSRIGHTS`).
 //! - [`handshake`]: the versioned, fixed-layout hello/reply codec; its
 //!   decoders are total (every byte string decodes or yields a typed error)
 //!   and validate the segment layout a server announces.

@@ -3,7 +3,8 @@
 //!
 //! The server's authentication callback decides on the uid, gid and pid the
 //! kernel recorded when the peer called `connect(2)` (or `socketpair(2)`);
-//! nothing the peer says about itself is believed (DESIGN.md §3).
+//! nothing the peer says about itself is believed (`SECURITY.md`, "Threat
+//! model").
 //!
 //! This is the one place the crate calls libc directly. rustix's
 //! `sockopt::socket_peercred` returns a `UCred` whose `pid` is a non-zero

@@ -5,7 +5,8 @@
 //! **seals** and passes to the client with `SCM_RIGHTS`. Both map it shared
 //! read/write.
 //!
-//! Why a sealed memfd (DESIGN.md §3):
+//! Why a sealed memfd (the peer is untrusted: `SECURITY.md`, "Threat
+//! model"):
 //!
 //! - No name in `/dev/shm`: nothing to guess, nothing left behind when a
 //!   process is killed; the memory goes away with the last descriptor and

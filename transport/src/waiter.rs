@@ -62,7 +62,7 @@ pub struct WaitPolicy {
 impl WaitPolicy {
     /// The default spin budget: about one cross-CPU kernel wake-up.
     ///
-    /// Measured (`benches/README.md`, "Wake path (issue 3)", 2-vCPU KVM
+    /// Measured (`benches/README.md`, "Wake path", 2-vCPU KVM
     /// guest): a sleep/wake round trip between two processes on different
     /// vCPUs costs 42–47 µs median whatever the primitive (futex, eventfd,
     /// pipe, socket), so one wake-up costs ~21 µs; on one vCPU it costs

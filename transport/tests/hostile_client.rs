@@ -166,7 +166,7 @@ fn hostile_client() {
     let ranges = target_ranges(&target, &accepted);
     report("READY", &format!("pid={} target={target}", std::process::id()));
 
-    let mut garbage = Garbage(u64::from(std::process::id()) << 32 | mono_ns() | 1);
+    let mut garbage = Garbage::new(u64::from(std::process::id()) << 32 | mono_ns() | 1);
     let start = Instant::now();
     let mut rounds = 0u64;
     let dropped = loop {

@@ -616,15 +616,12 @@ fn garbage_server_state_reads_as_closed() {
 #[test]
 fn client_survives_a_server_scribbling_over_the_whole_segment() {
     let (server, mut client, go) = connected_then("scribble", |s| {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = coroipc_testkit::XorShift::new(0x9e37_79b9_7f4a_7c15);
         let words = s.segment.len() as u64 / 8;
         let until = Instant::now() + Duration::from_millis(500);
         while Instant::now() < until {
             for _ in 0..64 {
-                x ^= x >> 12;
-                x ^= x << 25;
-                x ^= x >> 27;
-                let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+                let v = rng.next_u64();
                 s.word((v % words) * 8).store(if v & 1 == 0 { v } else { v & 0xffff }, Ordering::Relaxed);
             }
             for b in &s.bells {

@@ -19,7 +19,8 @@ use coroipc_transport::socket::Listener;
 use coroipc_transport::waiter::{SleepMode, WaitPolicy, LIVENESS_SLICE};
 
 const T: Duration = Duration::from_secs(10);
-/// The bound DESIGN.md §3 promises for noticing a dead peer.
+/// The bound ARCHITECTURE.md promises for noticing a dead peer ("a dead
+/// peer is noticed within 100 ms by every blocked call").
 const DEATH_BOUND: Duration = Duration::from_millis(100);
 /// How long the blocked side is left asleep before the peer is killed.
 /// Not a multiple of `LIVENESS_SLICE`, so a futex sleeper is killed in the

@@ -63,22 +63,9 @@ impl Ring {
     }
 }
 
-/// A deterministic xorshift generator, so failures replay.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
+/// The deterministic generator of the repository's tests, so failures replay.
+#[allow(unused_imports)] // only some test binaries draw random numbers
+pub use coroipc_testkit::XorShift;
 
 pub fn payload(seq: u64, len: usize) -> Vec<u8> {
     (0..len).map(|i| (seq.wrapping_mul(131) as usize).wrapping_add(i) as u8).collect()

@@ -26,7 +26,7 @@
 use std::io::{BufRead, IoSlice, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -136,12 +136,7 @@ pub fn resources() -> Resources {
     Resources { fds: open_fds(), memfd_maps, memfd_bytes, rss_shmem_kb: status_kb("RssShmem") }
 }
 
-/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process on the
-/// host, so instants taken in two processes can be compared.
-pub fn mono_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
-}
+pub use coroipc_testkit::mono_ns;
 
 /// Milliseconds between two [`mono_ns`] readings (negative if `later`
 /// came first).
@@ -153,12 +148,9 @@ pub fn ms_between(earlier: u64, later: u64) -> f64 {
 // Endpoints
 // ---------------------------------------------------------------------------
 
-static NEXT_ENDPOINT: AtomicU32 = AtomicU32::new(0);
-
 /// A fresh abstract endpoint, parsed from its `@name` form.
 pub fn abstract_endpoint(tag: &str) -> Endpoint {
-    let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
-    Endpoint::parse(&format!("@coroipc-it-{tag}-{}-{n}", std::process::id())).expect("valid endpoint")
+    Endpoint::parse(&coroipc_testkit::unique_endpoint("it", tag)).expect("valid endpoint")
 }
 
 /// A socket path in a fresh private directory, removed on drop.
@@ -169,8 +161,8 @@ pub struct TempEndpoint {
 
 impl TempEndpoint {
     pub fn new(tag: &str) -> Self {
-        let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("coroipc-it-{tag}-{}-{n}", std::process::id()));
+        let name = coroipc_testkit::unique_endpoint("it", tag);
+        let dir = std::env::temp_dir().join(name.trim_start_matches('@'));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create socket dir");
         let endpoint = Endpoint::Path(dir.join("s.sock"));

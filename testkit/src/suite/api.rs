@@ -1,9 +1,10 @@
-//! Shared helpers of the server's real-process tests.
+//! The API suite's test server and client children.
 //!
 //! **Self re-exec.** Every test runs the server (and, where it matters,
 //! clients) in separate processes: the test binary spawns itself
-//! ([`std::env::current_exe`]) running one `#[ignore]`d helper test —
-//! [`test_server_process`] or [`test_client_process`] — with
+//! ([`std::env::current_exe`]) running one `#[ignore]`d entry point —
+//! [`SERVER_HELPER`] or [`CLIENT_HELPER`], put into the binary by
+//! [`api_children!`](crate::api_children) — with
 //! `--ignored --exact <name> --nocapture --test-threads=1`, and gives it its
 //! configuration in environment variables ([`EP`], [`LOOP`], …). Children
 //! report on stdout in lines containing `@@MARKER key=value …` (libtest's
@@ -12,7 +13,7 @@
 //! A child exits when its stdin closes, so a parent that dies leaves no
 //! orphan, and [`ChildProc`] kills (SIGKILL) and reaps on drop.
 //!
-//! **The test server** ([`test_server_process`]) is a real
+//! **The test server** ([`server_process`]) is a real
 //! `coroipc_server::Server` with five services (see the `SVC_*` and `CMD_*`
 //! constants), an authentication callback, optional limits, and a control
 //! channel on stdin (`stats`, `conn_stats <id>`, `conns`, `disconnect <id>`,
@@ -20,19 +21,17 @@
 //! by a thread through a `ServerHandle`. It runs either the built-in loop
 //! or a hand-rolled `poll(2)` loop ([`PollLoop`]) — the foreign-loop
 //! integration.
-#![allow(dead_code, missing_docs)]
 
-use std::collections::HashMap;
 use std::io::{BufRead, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use coroipc_client::{Client, Error, Sizes};
+use coroipc_client::{Client, Sizes};
 use coroipc_server::{
     Admission, Call, Connection, Disconnect, DispatchError, FlowState, Handler, Poller, Refusal, Responder,
-    Server, ServerHandle, ServiceBuilder, Stats, Status, Token,
+    Server, ServerHandle, ServiceBuilder, Status, Token,
 };
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
@@ -59,8 +58,7 @@ pub const SVC_ABSENT: u16 = 77;
 /// The only uid [`SVC_PRIVILEGED`] admits.
 pub const PRIVILEGED_UID: u32 = 0xfffe_fffe;
 
-/// Answers with the request payload.
-pub const CMD_ECHO: u16 = 0;
+pub use super::CMD_ECHO;
 /// Answers `<` payload `>` through `respond_vectored` (three slices).
 pub const CMD_ECHO_IOV: u16 = 1;
 /// Bumps the connection's private counter; answers it (`u64` LE).
@@ -120,15 +118,13 @@ pub const DISPATCH_LATE: u32 = 103;
 /// [`SVC_COUNTER`]'s notification: the new value (`u64` LE).
 pub const DISPATCH_COUNTER: u32 = 200;
 
-#[allow(unused_imports)]
-pub use coroipc_testkit::{le_u32, le_u64, u32s};
+pub use crate::{eventually, le_u32, le_u64, u32s};
 
 // ---------------------------------------------------------------------------
 // Child processes
 // ---------------------------------------------------------------------------
 
-/// The endpoint (`@name` or a path).
-pub const EP: &str = "COROIPC_TEST_EP";
+pub use super::EP;
 /// `builtin` (default) or `poll`: which loop the test server runs.
 pub const LOOP: &str = "COROIPC_TEST_LOOP";
 /// The poll loop's tick period in ms (default 10).
@@ -140,56 +136,35 @@ pub const RETRY_DISCONNECT: &str = "COROIPC_TEST_RETRY_DISCONNECT";
 /// What a client child does: `counter-listener`, `blocked-call`, `echo-loop`.
 pub const CLIENT_MODE: &str = "COROIPC_TEST_CLIENT_MODE";
 
-pub const SERVER_HELPER: &str = "common::test_server_process";
-pub const CLIENT_HELPER: &str = "common::test_client_process";
+/// The server child's entry point (see [`api_children!`](crate::api_children)).
+pub const SERVER_HELPER: &str = "test_server_process";
+/// The client child's entry point.
+pub const CLIENT_HELPER: &str = "test_client_process";
 
-#[allow(unused_imports)] // each test binary uses a different subset
-pub use coroipc_testkit::{field, field_opt, num, report, ChildProc};
-
-fn spawn_helper(helper: &str, envs: &[(&str, String)]) -> ChildProc {
-    coroipc_testkit::spawn(helper, envs)
-}
-
-static NEXT_ENDPOINT: AtomicU32 = AtomicU32::new(0);
+pub use super::{echo, error_name, is_lost, stats_fields, TestServer};
+pub use crate::{field, field_opt, num, report, ChildProc};
 
 /// A fresh abstract endpoint name.
 pub fn endpoint(tag: &str) -> String {
-    let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
-    format!("@coroipc-srv-it-{tag}-{}-{n}", std::process::id())
-}
-
-/// A test server child and its endpoint, ready for clients.
-pub struct TestServer {
-    pub proc: ChildProc,
-    pub ep: String,
+    crate::unique_endpoint("srv-it", tag)
 }
 
 /// Starts a test server child with extra `envs`; waits for `@@READY`.
 pub fn start_server(tag: &str, envs: &[(&str, String)]) -> TestServer {
-    let ep = endpoint(tag);
-    let mut all = vec![(EP, ep.clone())];
-    all.extend(envs.iter().cloned());
-    let mut proc = spawn_helper(SERVER_HELPER, &all);
-    proc.expect("READY", Duration::from_secs(20));
-    TestServer { proc, ep }
+    TestServer::start(SERVER_HELPER, "srv-it", tag, envs)
 }
 
 /// Starts a client child in `mode` against `ep`; waits for `@@CLIENT_READY`.
 pub fn start_client(mode: &str, ep: &str, envs: &[(&str, String)]) -> ChildProc {
     let mut all = vec![(EP, ep.to_string()), (CLIENT_MODE, mode.to_string())];
     all.extend(envs.iter().cloned());
-    let mut proc = spawn_helper(CLIENT_HELPER, &all);
+    let mut proc = crate::spawn(CLIENT_HELPER, &all);
     proc.ready = proc.expect("CLIENT_READY", Duration::from_secs(20));
     proc
 }
 
 impl TestServer {
-    /// Server-wide counters (`stats` command).
-    pub fn stats(&mut self) -> String {
-        self.proc.command("stats", "SERVER_STATS")
-    }
-
-    /// One connection's counters (`conn_stats` command).
+    /// One connection's counters (the API server's `conn_stats` command).
     pub fn conn_stats(&mut self, id: u64) -> String {
         self.proc.command(&format!("conn_stats {id}"), "CONN_STATS")
     }
@@ -201,6 +176,7 @@ pub fn connect_echo(ep: &str) -> (Client, u64) {
     connect_echo_with(ep, Sizes::default())
 }
 
+/// [`connect_echo`] with ring sizes.
 pub fn connect_echo_with(ep: &str, sizes: Sizes) -> (Client, u64) {
     let client = Client::builder(ep, SVC_ECHO).sizes(sizes).connect().expect("connect to the echo service");
     let mut buf = [0u8; 64];
@@ -208,27 +184,6 @@ pub fn connect_echo_with(ep: &str, sizes: Sizes) -> (Client, u64) {
     assert_eq!(info.id, DISPATCH_WELCOME, "the connect callback's dispatch comes first");
     assert_eq!(info.len, 8);
     (client, le_u64(&buf, 0))
-}
-
-/// An echo round trip, checked.
-pub fn echo(client: &Client, payload: &[u8]) {
-    let mut buf = vec![0u8; payload.len() + 16];
-    let n = client.call(CMD_ECHO, payload, &mut buf).expect("echo call");
-    assert_eq!(&buf[..n], payload, "the echo service answers the request");
-}
-
-/// Polls `cond` every few ms until it holds or `timeout` passes.
-pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -239,6 +194,11 @@ pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 /// turn a raw fd back into a `BorrowedFd`, so the list keeps a duplicate of
 /// each registered descriptor to poll on (same open file description, so
 /// the same readiness), and the original's number to find it again.
+///
+/// The same loop as `server/examples/poll_loop.rs`, which stays a
+/// self-contained demonstration; this one is strict where the example is
+/// lenient (registering a descriptor twice or deregistering an unknown one
+/// is an error), so the tests catch a server that misuses its poller.
 #[derive(Debug, Default)]
 pub struct PollLoop {
     fds: Vec<(RawFd, OwnedFd, Token)>,
@@ -264,8 +224,14 @@ impl PollLoop {
         Ok(ready)
     }
 
+    /// How many descriptors are registered.
     pub fn len(&self) -> usize {
         self.fds.len()
+    }
+
+    /// Whether none is registered.
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
     }
 }
 
@@ -333,24 +299,7 @@ impl Drop for EchoState {
     }
 }
 
-fn stats_text(s: &Stats) -> String {
-    format!(
-        "requests={} responses={} dispatched={} bytes_in={} bytes_out={} flow_on={} flow_off={} retries={} errors={}",
-        s.requests,
-        s.responses,
-        s.dispatched,
-        s.bytes_in,
-        s.bytes_out,
-        s.flow_control_on,
-        s.flow_control_off,
-        s.retries,
-        s.errors
-    )
-}
-
-fn env_num(key: &str) -> Option<u64> {
-    std::env::var(key).ok().and_then(|v| v.parse().ok())
-}
+use super::{env_num, stats_text};
 
 fn echo_service(retry_disconnect: u32, parked: Arc<Mutex<Vec<Responder>>>) -> ServiceBuilder<EchoState> {
     ServiceBuilder::new(SVC_ECHO, |conn: &Connection| {
@@ -595,11 +544,9 @@ fn handle_control(handle: &ServerHandle, line: &str) {
     }
 }
 
-/// The test server child. Does nothing when run without [`EP`] (a plain
-/// `cargo test -- --ignored`).
-#[test]
-#[ignore = "helper: run by the tests as a child process"]
-fn test_server_process() {
+/// The test server child ([`SERVER_HELPER`]). Does nothing when run
+/// without [`EP`] (a plain `cargo test -- --ignored`).
+pub fn server_process() {
     let Ok(ep) = std::env::var(EP) else { return };
     let retry = env_num(RETRY_DISCONNECT).unwrap_or(0) as u32;
     let parked: Arc<Mutex<Vec<Responder>>> = Arc::default();
@@ -655,14 +602,7 @@ fn test_server_process() {
 // Client children
 // ---------------------------------------------------------------------------
 
-fn error_name(e: &Error) -> String {
-    if let Error::Disconnected(reason) = e {
-        return format!("Disconnected.{reason:?}");
-    }
-    format!("{e:?}").split(['(', ' ', '{']).next().unwrap_or("?").to_string()
-}
-
-/// A client child. Modes ([`CLIENT_MODE`]):
+/// A client child ([`CLIENT_HELPER`]). Modes ([`CLIENT_MODE`]):
 /// - `counter-listener`: connects to [`SVC_COUNTER`], reports
 ///   `@@CLIENT_READY`, then every notification as `@@COUNTER value=<v>`;
 ///   reports `@@LOST error=<name>` when the connection ends.
@@ -670,9 +610,7 @@ fn error_name(e: &Error) -> String {
 ///   calls [`CMD_NEVER`] and reports `@@CALL_RESULT error=<name> ms=<ms>`.
 /// - `echo-loop`: connects to [`SVC_ECHO`], reports `@@CLIENT_READY id=…`,
 ///   then echoes until killed (`@@ECHOING` after the first 10).
-#[test]
-#[ignore = "helper: run by the tests as a child process"]
-fn test_client_process() {
+pub fn client_process() {
     let (Ok(ep), Ok(mode)) = (std::env::var(EP), std::env::var(CLIENT_MODE)) else { return };
     std::thread::spawn(|| {
         let mut sink = String::new();
@@ -720,19 +658,6 @@ fn test_client_process() {
         }
         other => panic!("unknown client mode {other}"),
     }
-}
-
-/// Whether `err` is `Disconnected` (any reason).
-pub fn is_lost<T: std::fmt::Debug>(r: &Result<T, Error>) -> bool {
-    matches!(r, Err(Error::Disconnected(_)))
-}
-
-/// The fields of a `SERVER_STATS`/`CONN_STATS` line.
-pub fn stats_fields(line: &str) -> HashMap<String, u64> {
-    line.split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect()
 }
 
 /// Asserts the dispatch fd of `client` is (or is not) readable within `timeout`.

@@ -1,11 +1,13 @@
-//! Shared helpers of the reliability and security suite (issue 7).
+//! The reliability and security suite's test server and client children.
 //!
 //! **Real processes.** The server under test always runs in a child
 //! process: the test binary re-executes itself
-//! ([`std::env::current_exe`]) running the `#[ignore]`d helper
-//! [`rel_server_process`] (or, for clients that get killed or misbehave,
-//! [`rel_client_process`]) with `--ignored --exact <helper> --nocapture
-//! --test-threads=1`; the role comes in `REL_*` environment variables.
+//! ([`std::env::current_exe`]) running the `#[ignore]`d entry point
+//! [`SERVER_HELPER`] (or, for clients that get killed or misbehave,
+//! [`CLIENT_HELPER`]), put into the binary by
+//! [`rel_children!`](crate::rel_children), with `--ignored --exact <helper>
+//! --nocapture --test-threads=1`; the role comes in `REL_*` environment
+//! variables.
 //! Children print `@@MARKER key=value …` lines that the parent waits for
 //! ([`ChildProc::expect`]); they exit when their stdin closes, and
 //! [`ChildProc`] SIGKILLs and reaps on drop, so nothing is left behind.
@@ -13,7 +15,7 @@
 //! well-behaved client.
 //!
 //! **The server child** runs a real `coroipc_server::Server` (built-in
-//! loop on its own thread) with three services — [`SVC_REL`] (the command
+//! loop on its own thread) with five services — [`SVC_REL`] (the command
 //! set below), [`SVC_OTHER`] (echo only), [`SVC_PRIV`] (refused by the
 //! authentication callback) — and answers control lines on stdin: `res`
 //! (its own descriptors, segment mappings, `RssShmem`, `RssAnon`, threads,
@@ -21,11 +23,10 @@
 //! `pause <id> <0|1>`, `release` (lets go of the handles [`CMD_HOLD`]
 //! kept). It measures itself from `/proc/self`, so the numbers are the
 //! server's own.
-#![allow(missing_docs, dead_code)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, IoSlice};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -35,6 +36,7 @@ use coroipc_server::{
     Connection, Disconnect, DispatchError, Refusal, Responder, Server, ServerHandle, ServiceBuilder,
 };
 
+/// The suite's timeout for anything a well-behaved peer does at once.
 pub const T: Duration = Duration::from_secs(15);
 
 // ---------------------------------------------------------------------------
@@ -48,8 +50,7 @@ pub const SVC_OTHER: u16 = 2;
 /// A service the authentication callback refuses to everybody.
 pub const SVC_PRIV: u16 = 3;
 
-/// Answers the payload.
-pub const CMD_ECHO: u16 = 0;
+pub use super::CMD_ECHO;
 /// Defers and never answers (the `Responder` is parked until exit);
 /// reports `@@NEVER id=<conn>`.
 pub const CMD_NEVER: u16 = 2;
@@ -112,15 +113,17 @@ pub const SVC_AUTH_PANIC: u16 = 5;
 
 /// Dispatched by [`SVC_REL`]'s connect callback: the connection id (`u64`).
 pub const DISPATCH_WELCOME: u32 = 100;
+/// See [`CMD_STORM`].
 pub const DISPATCH_STORM: u32 = 101;
+/// See [`CMD_DISPATCH_ONE`] and [`CMD_HOLD`].
 pub const DISPATCH_ONE: u32 = 102;
+/// See [`CMD_TICKLE`].
 pub const DISPATCH_TICKLE: u32 = 103;
 
 /// Message header length (`coroipc_transport::message::HEADER_LEN`).
 pub const HDR: usize = 16;
 
-#[allow(unused_imports)]
-pub use coroipc_testkit::{le_u32, le_u64, u32s};
+pub use crate::{eventually, le_u32, le_u64, mono_ns, u32s, Garbage};
 
 /// A payload of `len` bytes that depends on `tag` in every byte, so a torn,
 /// shifted or stale message is caught.
@@ -146,10 +149,12 @@ pub fn storm_payload(i: u64, every: u32, max: usize) -> Vec<u8> {
 // Environment of the children
 // ---------------------------------------------------------------------------
 
-pub const EP: &str = "REL_EP";
+pub use super::EP;
+/// The server's connection limit.
 pub const MAX_CONN: &str = "REL_MAX_CONN";
 /// How many times the disconnect callback asks to be retried.
 pub const RETRY: &str = "REL_RETRY";
+/// The server's handshake timeout in ms.
 pub const HS_TIMEOUT_MS: &str = "REL_HS_TIMEOUT_MS";
 /// The server child lowers its soft descriptor limit to this before it
 /// builds the server.
@@ -167,57 +172,43 @@ pub const HOG_FDS_LEAVE: &str = "REL_HOG_FDS_LEAVE";
 pub const ONLY_CMDS: &str = "REL_ONLY_CMDS";
 /// Sets `max_pending_handshakes`.
 pub const MAX_PENDING: &str = "REL_MAX_PENDING";
-/// What a client child does (see [`rel_client_process`]'s callers).
+/// What a client child does (see [`client_process`]).
 pub const MODE: &str = "REL_MODE";
 /// A free-form argument of the client mode.
 pub const ARG: &str = "REL_ARG";
 
-pub const SERVER_HELPER: &str = "relcommon::rel_server_process";
-pub const CLIENT_HELPER: &str = "relcommon::rel_client_process";
-
-static NEXT_ENDPOINT: AtomicU32 = AtomicU32::new(0);
+/// The server child's entry point (see [`rel_children!`](crate::rel_children)).
+pub const SERVER_HELPER: &str = "rel_server_process";
+/// The client child's entry point.
+pub const CLIENT_HELPER: &str = "rel_client_process";
 
 /// A fresh abstract endpoint name (nothing in the filesystem).
 pub fn endpoint(tag: &str) -> String {
-    let n = NEXT_ENDPOINT.fetch_add(1, Ordering::Relaxed);
-    format!("@coroipc-rel-{tag}-{}-{n}", std::process::id())
+    crate::unique_endpoint("rel", tag)
 }
 
-fn env_num(key: &str) -> Option<u64> {
-    std::env::var(key).ok()?.parse().ok()
-}
+use super::env_num;
 
 // ---------------------------------------------------------------------------
 // Child processes
 // ---------------------------------------------------------------------------
 
-#[allow(unused_imports)] // each test binary uses a different subset
-pub use coroipc_testkit::{field, num, report, ChildProc};
+pub use super::{echo, error_name, is_lost, stats_fields, TestServer};
+pub use crate::{field, num, report, ChildProc};
 
+/// Spawns `helper` of this test binary with `envs` (see [`crate::spawn`]).
 pub fn spawn_helper(helper: &str, envs: &[(&str, String)]) -> ChildProc {
-    coroipc_testkit::spawn(helper, envs)
+    crate::spawn(helper, envs)
 }
 
-/// The test server in a child process, with its control channel.
-pub struct TestServer {
-    pub proc: ChildProc,
-    pub ep: String,
-    /// The server's `@@READY` line (`pid=`, `max_conns=`, resources).
-    pub ready: String,
+/// Starts the server child (its `@@READY` line carries `pid=`,
+/// `max_conns=` and its resources) and waits until it listens.
+pub fn start_server(tag: &str, envs: &[(&str, String)]) -> TestServer {
+    TestServer::start(SERVER_HELPER, "rel", tag, envs)
 }
 
 impl TestServer {
-    /// Starts the server child and waits until it listens.
-    pub fn start(tag: &str, envs: &[(&str, String)]) -> Self {
-        let ep = endpoint(tag);
-        let mut all = vec![(EP, ep.clone())];
-        all.extend(envs.iter().cloned());
-        let mut proc = spawn_helper(SERVER_HELPER, &all);
-        let ready = proc.expect("READY", T);
-        Self { proc, ep, ready }
-    }
-
-    /// The server's own resource figures.
+    /// The reliability server's own resource figures (its `res` command).
     pub fn res(&mut self) -> Res {
         Res::parse(&self.proc.command("res", "RES"))
     }
@@ -248,6 +239,8 @@ impl TestServer {
         }
     }
 
+    /// Starts a client child of the reliability suite in `mode` (see
+    /// [`client_process`]) with `arg`, against this server.
     pub fn spawn_client(&self, mode: &str, arg: &str) -> ChildProc {
         spawn_helper(CLIENT_HELPER, &[(EP, self.ep.clone()), (MODE, mode.into()), (ARG, arg.into())])
     }
@@ -256,19 +249,26 @@ impl TestServer {
 /// What the server child reports about itself.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Res {
+    /// Open descriptors.
     pub fds: u64,
     /// Mappings of `memfd:coroipc` segments: count and bytes.
     pub maps: u64,
+    /// Bytes of those mappings.
     pub map_bytes: u64,
+    /// `RssShmem` in KiB.
     pub shmem_kb: u64,
+    /// `RssAnon` in KiB.
     pub anon_kb: u64,
+    /// Threads.
     pub threads: u64,
     /// CPU time (user + system) so far, in ms.
     pub cpu_ms: u64,
+    /// Open connections.
     pub conns: u64,
 }
 
 impl Res {
+    /// Reads a `@@RES` line.
     pub fn parse(line: &str) -> Self {
         Self {
             fds: num(line, "fds"),
@@ -287,9 +287,9 @@ impl Res {
 // Measurements (of the calling process)
 // ---------------------------------------------------------------------------
 
-#[allow(unused_imports)]
-pub use coroipc_testkit::procfs::{cpu_ms, memfd_maps, open_fds, status_field};
+pub use crate::procfs::{cpu_ms, memfd_maps, open_fds, status_field};
 
+/// This process's resource figures as a `@@RES` line ([`Res::parse`]).
 pub fn res_line(conns: usize) -> String {
     let (maps, map_bytes) = memfd_maps();
     format!(
@@ -542,22 +542,7 @@ fn handle_control(handle: &ServerHandle, line: &str) {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["res"] => report("RES", &res_line(handle.connections().len())),
-        ["stats"] => {
-            let s = handle.stats();
-            report(
-                "STATS",
-                &format!(
-                    "requests={} responses={} dispatched={} flow_on={} flow_off={} retries={} errors={}",
-                    s.requests,
-                    s.responses,
-                    s.dispatched,
-                    s.flow_control_on,
-                    s.flow_control_off,
-                    s.retries,
-                    s.errors
-                ),
-            );
-        }
+        ["stats"] => report("SERVER_STATS", &super::stats_text(&handle.stats())),
         ["shutdown_service", id] => {
             handle.shutdown_service(id.parse().expect("service id"));
             report("OK", "");
@@ -576,9 +561,9 @@ fn handle_control(handle: &ServerHandle, line: &str) {
     }
 }
 
-#[test]
-#[ignore = "helper: runs as a child process of the reliability tests"]
-fn rel_server_process() {
+/// The server child ([`SERVER_HELPER`]). Does nothing when run without
+/// [`EP`].
+pub fn server_process() {
     let Ok(ep) = std::env::var(EP) else { return };
     let retry = env_num(RETRY).unwrap_or(0) as u32;
     if let Some(n) = env_num(NOFILE) {
@@ -659,23 +644,16 @@ pub fn watch_stdin() -> Receiver<String> {
     rx
 }
 
-pub fn error_name(e: &Error) -> String {
-    match e {
-        Error::Protocol(_) => "Protocol".into(),
-        Error::Io(_) => "Io".into(),
-        Error::Disconnected(reason) => format!("Disconnected.{reason:?}"),
-        other => format!("{other:?}").split(|c: char| !c.is_alphanumeric()).next().unwrap_or("?").to_string(),
-    }
-}
-
 /// A client mode: what a client child does, given the endpoint, its
 /// argument and its stdin lines. Every test file defines
-/// `fn client_mode(name: &str) -> Option<ClientMode>` for its own modes.
+/// `fn client_mode(name: &str) -> Option<ClientMode>` for its own modes
+/// and passes it to [`rel_children!`](crate::rel_children).
 pub type ClientMode = fn(ep: &str, arg: &str, control: Receiver<String>);
 
-#[test]
-#[ignore = "helper: runs as a child process of the reliability tests"]
-fn rel_client_process() {
+/// The client child ([`CLIENT_HELPER`]): runs mode [`MODE`] — `block`,
+/// `flood`, `storm_reader` (below) or one `modes` knows — then stays alive
+/// until killed. Does nothing when run without [`EP`] and [`MODE`].
+pub fn client_process(modes: fn(&str) -> Option<ClientMode>) {
     let (Ok(ep), Ok(mode)) = (std::env::var(EP), std::env::var(MODE)) else { return };
     let arg = std::env::var(ARG).unwrap_or_default();
     let control = watch_stdin();
@@ -683,7 +661,7 @@ fn rel_client_process() {
         "block" => block_mode as ClientMode,
         "flood" => flood_mode,
         "storm_reader" => storm_reader_mode,
-        other => crate::client_mode(other).unwrap_or_else(|| panic!("no client mode {other}")),
+        other => modes(other).unwrap_or_else(|| panic!("no client mode {other}")),
     };
     f(&ep, &arg, control);
     // Stay alive until killed or released.
@@ -697,6 +675,11 @@ pub fn connect(ep: &str) -> Client {
     Client::connect(ep, SVC_REL).expect("connect to the test server")
 }
 
+/// Connects to `service` with `sizes`.
+///
+/// # Errors
+///
+/// The connect error.
 pub fn connect_with(ep: &str, service: u16, sizes: Sizes) -> Result<Client, Error> {
     Client::builder(ep, service).sizes(sizes).connect()
 }
@@ -762,41 +745,10 @@ fn storm_reader_mode(ep: &str, arg: &str, _control: Receiver<String>) {
     }
 }
 
-/// Shorthand: one echo round trip that must succeed.
-pub fn echo(client: &Client, payload: &[u8]) {
-    let mut buf = vec![0u8; payload.len().max(16)];
-    let n = client.call(CMD_ECHO, payload, &mut buf).expect("echo");
-    assert_eq!(&buf[..n], payload);
-}
-
-/// Polls `cond` until it holds or `timeout` passes.
-pub fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// A counter for unique tags.
 pub fn next_tag() -> u64 {
     static N: AtomicU64 = AtomicU64::new(1);
     N.fetch_add(1, Ordering::Relaxed)
-}
-
-pub fn is_lost<T: std::fmt::Debug>(r: &Result<T, Error>) -> bool {
-    matches!(r, Err(Error::Disconnected(_)))
-}
-
-/// `CLOCK_MONOTONIC` in ns: one clock for all processes of the host.
-pub fn mono_ns() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 // ---------------------------------------------------------------------------
@@ -806,12 +758,19 @@ pub fn mono_ns() -> u64 {
 /// A connection made by hand from the transport's parts, bypassing
 /// `coroipc_client`: a hostile client holds the raw segment.
 pub struct Raw {
+    /// The connection's socket.
     pub stream: coroipc_transport::socket::Stream,
+    /// The server's reply: negotiated sizes and the segment layout.
     pub accepted: coroipc_transport::handshake::Accepted,
+    /// The mapped segment, writable anywhere.
     pub segment: std::sync::Arc<coroipc_transport::segment::Segment>,
+    /// The request eventfd (rings the server).
     pub request_bell: coroipc_transport::eventfd::EventFd,
+    /// The request ring's producer end.
     pub requests: coroipc_ring::Producer,
+    /// The response ring's consumer end.
     pub responses: coroipc_ring::Consumer,
+    /// The dispatch ring's consumer end.
     pub dispatch: coroipc_ring::Consumer,
 }
 
@@ -853,10 +812,7 @@ pub fn message(command: u16, seq: u64, payload: &[u8]) -> Vec<u8> {
     m
 }
 
-#[allow(unused_imports)]
-pub use coroipc_testkit::ring_layout::{
+pub use crate::ring_layout::{
     DATA as RING_DATA, DATA_WAIT as RING_DATA_WAIT, FLOW as RING_FLOW, HEAD as RING_HEAD,
     SPACE_WAIT as RING_SPACE_WAIT, TAIL as RING_TAIL,
 };
-#[allow(unused_imports)]
-pub use coroipc_testkit::Garbage;
