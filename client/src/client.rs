@@ -1,22 +1,4 @@
 //! The client connection.
-//!
-//! ## Locks
-//!
-//! A [`Client`] is shared by threads. Its request/response half and its
-//! dispatch half sit behind separate locks, so dispatch and calls never wait
-//! for each other. No lock is held across a sleep, except by the zero-copy
-//! guards, which hold their half's lock while they lend a message in place:
-//!
-//! * A caller sends under the request lock, then waits for *its own*
-//!   answer: one waiting thread (the *sleeper*) sleeps on the response
-//!   ring without any lock; when it wakes it reads every response that
-//!   arrived, keeps its own, stashes the others' answers for their callers
-//!   and posts a bulletin that wakes them. Calls from several threads are
-//!   pipelined: an answer the server gives at once is never queued behind
-//!   another thread's slow one.
-//! * Every lock wait is bounded by the call's timeout; a thread that holds
-//!   a guard and calls what needs that guard's lock gets
-//!   [`Error::GuardHeld`] instead of a deadlock.
 
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
@@ -382,7 +364,7 @@ fn thread_token() -> u64 {
 /// `Send + Sync`: share it between threads (e.g. in an `Arc`). Calls from
 /// several threads are pipelined and each thread gets its own answer;
 /// dispatch receives never wait for calls nor calls for dispatch receives
-/// (see the [module docs](self) on locks). Dropping it disconnects
+/// (see [threads and locks](crate#threads-and-locks)). Dropping it disconnects
 /// (coroipc's `coroipcc_service_disconnect`).
 #[doc(alias = "coroipcc_service_disconnect")]
 pub struct Client {
@@ -1145,7 +1127,7 @@ impl Client {
             Err(Error::TryAgain) => {}
             other => return other,
         }
-        let deadline = deadline(timeout);
+        let deadline = instant_after(timeout);
         let spin = self.spin_budget()?;
         loop {
             match self.recv_dispatch_spin(buf, spin, deadline, true) {
@@ -1197,7 +1179,7 @@ impl Client {
             Err(Error::TryAgain) => {}
             other => return other,
         }
-        let deadline = deadline(timeout);
+        let deadline = instant_after(timeout);
         let spin = self.spin_budget()?;
         loop {
             match self.recv_dispatch_in_place_spin(spin, deadline, true) {
@@ -1254,7 +1236,8 @@ impl Client {
     }
 }
 
-fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+/// The instant `timeout` from now (`None`: never).
+fn instant_after(timeout: Option<Duration>) -> Option<Instant> {
     timeout.map(|t| Instant::now() + t)
 }
 

@@ -16,6 +16,24 @@
 //! * A server that breaks the protocol yields `Error::Protocol`, never a
 //!   panic or an out-of-bounds read.
 //!
+//! ## Threads and locks
+//!
+//! A [`Client`] is shared by threads. Its request/response half and its
+//! dispatch half sit behind separate locks, so dispatch and calls never wait
+//! for each other. No lock is held across a sleep, except by the zero-copy
+//! guards, which hold their half's lock while they lend a message in place:
+//!
+//! * A caller sends under the request lock, then waits for *its own*
+//!   answer: one waiting thread (the *sleeper*) sleeps on the response
+//!   ring without any lock; when it wakes it reads every response that
+//!   arrived, keeps its own, stashes the others' answers for their callers
+//!   and posts a bulletin that wakes them. Calls from several threads are
+//!   pipelined: an answer the server gives at once is never queued behind
+//!   another thread's slow one.
+//! * Every lock wait is bounded by the call's timeout; a thread that holds
+//!   a guard and calls what needs that guard's lock gets
+//!   [`Error::GuardHeld`] instead of a deadlock.
+//!
 //! ## Example
 //!
 //! ```no_run

@@ -1,4 +1,4 @@
-//! Pipelined requests (issue 5), with the server in a separate process:
+//! Pipelined requests, with the server in a separate process:
 //! many requests in flight answered out of order from another server
 //! thread, mixed with synchronous calls, fire-and-forget, and the async
 //! client under tokio.
@@ -57,13 +57,11 @@ fn spawn_server(tag: &str) -> ServerProc {
     ServerProc { child, endpoint }
 }
 
-/// A tiny deterministic shuffle (xorshift), so failures replay.
-fn shuffle<T>(v: &mut [T], seed: &mut u64) {
+/// A deterministic shuffle (Fisher–Yates over the testkit's xorshift), so
+/// failures replay.
+fn shuffle<T>(v: &mut [T], rng: &mut coroipc_testkit::XorShift) {
     for i in (1..v.len()).rev() {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        v.swap(i, (*seed % (i as u64 + 1)) as usize);
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
     }
 }
 
@@ -75,7 +73,7 @@ fn server_process() {
     let pending: Arc<Mutex<Deferred>> = Arc::default();
     let answerer = pending.clone();
     std::thread::spawn(move || {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut seed = coroipc_testkit::XorShift::new(0x2545_f491_4f6c_dd1d);
         loop {
             std::thread::sleep(Duration::from_millis(2));
             let mut batch = std::mem::take(&mut *answerer.lock().unwrap());
