@@ -82,7 +82,9 @@ impl Consumer {
         Ok(tail)
     }
 
-    /// Whether a record (or padding) is published. Never blocks.
+    /// Whether a record (or padding) is published, refreshing the cached
+    /// producer position (validated); [`has_data_uncached`](Self::has_data_uncached)
+    /// reads it without touching the cache. Never blocks.
     ///
     /// # Errors
     ///
@@ -100,7 +102,7 @@ impl Consumer {
     /// borrows the consumer). A corrupt producer position also counts as
     /// ready, so that the caller's next `try_peek` reports it.
     #[inline]
-    pub fn is_ready(&self) -> bool {
+    pub fn has_data_uncached(&self) -> bool {
         // SYNC TAIL (as in `load_tail`).
         self.head != self.tail_cache || self.ring.header().tail.0.load(Ordering::Acquire) != self.head
     }

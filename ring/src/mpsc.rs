@@ -165,7 +165,7 @@ impl MpscProducer {
     /// Whether a record with a `len`-byte payload fits now (a snapshot:
     /// other producers may take the space first). A corrupt consumer
     /// position counts as "fits", so that the next `try_reserve` reports it.
-    pub fn can_reserve(&self, len: usize) -> bool {
+    pub fn has_space_uncached(&self, len: usize) -> bool {
         let s = &*self.shared;
         // SYNC CLAIM / HEAD as in `try_reserve`.
         let claim = s.claim.load(Ordering::Acquire);

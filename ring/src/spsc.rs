@@ -144,7 +144,7 @@ impl Producer {
     /// updating any cached state (usable while a [`WaitPoint`] borrows the
     /// producer). A corrupt consumer position counts as "fits", so that the
     /// caller's next `try_reserve` reports it.
-    pub fn can_reserve(&self, len: usize) -> bool {
+    pub fn has_space_uncached(&self, len: usize) -> bool {
         let plan = plan(&self.ring, self.tail, record_size(len as u64));
         // The cached head is never ahead of the real one: if it says "fits",
         // it fits, and no shared line is touched (the server asks this

@@ -235,14 +235,14 @@ fn positions_near_the_top_of_u64_are_corruption_not_overflow() {
     // A head that wraps "just behind" a small tail would pass a wrapping
     // distance check; every position beyond MAX_POSITION is rejected, so no
     // arithmetic on it can overflow (found by a hostile-client test: a
-    // debug-build overflow panic in `Producer::can_reserve`).
+    // debug-build overflow panic in `Producer::has_space_uncached`).
     let wrapped = u64::MAX - 7;
     let r = Ring::new(RingConfig::new(128));
     let (mut tx, mtx) = (r.producer(), r.mpsc());
     let _ = tx.try_push(&[0; 8]).unwrap();
     r.poke_u64(HEAD, wrapped);
-    assert!(tx.can_reserve(8), "a corrupt head counts as 'fits' so that the push reports it");
-    let _ = mtx.can_reserve(8);
+    assert!(tx.has_space_uncached(8), "a corrupt head counts as 'fits' so that the push reports it");
+    let _ = mtx.has_space_uncached(8);
     assert!(matches!(tx.try_push(&[0; 56]), Ok(_) | Err(PushError::Corrupt(_))));
     let _ = tx.try_push(&[0; 56]);
     assert!(matches!(tx.try_push(&[0; 56]), Err(PushError::Corrupt(Corruption::Head { .. }))));

@@ -64,7 +64,7 @@ fn sleeping_consumer_is_woken_for_every_record() {
                     break;
                 }
                 // Long timeout: a lost wake-up shows as a stall, caught below.
-                let _ = rx.data_wait().wait_once(&*n2, || rx.is_ready(), None);
+                let _ = rx.data_wait().wait_once(&*n2, || rx.has_data_uncached(), None);
             }
         }
     });
@@ -75,7 +75,7 @@ fn sleeping_consumer_is_woken_for_every_record() {
                 let _ = tx.data_wait().notify(&*n);
                 break;
             }
-            let _ = tx.space_wait().wait_once(&*n, || tx.can_reserve(4), None);
+            let _ = tx.space_wait().wait_once(&*n, || tx.has_space_uncached(4), None);
         }
         if i % 64 == 0 {
             std::thread::sleep(Duration::from_micros(50)); // let the consumer fall asleep

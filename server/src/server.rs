@@ -225,9 +225,9 @@ impl Server {
         let Some(entry) = self.conns.get_mut(&id) else { return };
         if entry.armed {
             if entry.bell_edge {
-                entry.conn.inner.channel.disarm_without_drain();
+                entry.conn.inner.channel.disarm_requests_keep_bell();
             } else {
-                entry.conn.inner.channel.disarm();
+                entry.conn.inner.channel.disarm_requests();
             }
             entry.armed = false;
             if !self.active.contains(&id) {
@@ -371,7 +371,7 @@ impl Server {
             for id in std::mem::take(&mut self.active) {
                 if let Some(e) = self.conns.get_mut(&id) {
                     e.armed = true;
-                    if e.conn.inner.channel.arm() {
+                    if e.conn.inner.channel.arm_requests() {
                         raced.push(id);
                     }
                 }

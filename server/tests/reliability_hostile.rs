@@ -171,7 +171,7 @@ fn slow_loris_handshakes_do_not_block_other_connects_and_are_dropped_at_the_time
 fn ranges(target: &str, raw: &Raw) -> Vec<(u64, u64)> {
     let l = raw.accepted.layout;
     let field =
-        |r: coroipc_transport::handshake::Region, off: u64, len: u64| (r.offset + off, r.offset + off + len);
+        |r: coroipc_transport::handshake::Span, off: u64, len: u64| (r.offset + off, r.offset + off + len);
     let rings = [l.request, l.response, l.dispatch];
     match target {
         "positions" => rings.iter().flat_map(|&r| [field(r, RING_TAIL, 8), field(r, RING_HEAD, 8)]).collect(),

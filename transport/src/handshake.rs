@@ -146,20 +146,20 @@ pub struct ClientHello {
 
 /// A byte range of the segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Region {
+pub struct Span {
     /// Offset of the first byte from the start of the segment.
     pub offset: u64,
     /// Length in bytes.
     pub len: u64,
 }
 
-impl Region {
+impl Span {
     /// One past the last byte, or `None` if that overflows `u64`.
     pub fn end(&self) -> Option<u64> {
         self.offset.checked_add(self.len)
     }
 
-    fn overlaps(&self, other: &Region) -> bool {
+    fn overlaps(&self, other: &Span) -> bool {
         // Only called on regions already known to fit in the segment.
         self.offset < other.offset + other.len && other.offset < self.offset + self.len
     }
@@ -171,13 +171,13 @@ pub struct SegmentLayout {
     /// The segment (memfd) length in bytes.
     pub segment_len: u64,
     /// The control block: connection state, wake-up words.
-    pub control: Region,
+    pub control: Span,
     /// The request ring (header and data).
-    pub request: Region,
+    pub request: Span,
     /// The response ring (header and data).
-    pub response: Region,
+    pub response: Span,
     /// The dispatch ring (header and data).
-    pub dispatch: Region,
+    pub dispatch: Span,
 }
 
 /// A successful reply: the negotiated sizes and the segment layout.
@@ -646,7 +646,7 @@ impl ServerReply {
     pub fn decode(data: &[u8]) -> Result<Self, HandshakeDecodeError> {
         check_header(data, REPLY_LEN)?;
         let status = get_u32(data, REPLY_STATUS);
-        let region_at = |i: usize| Region {
+        let region_at = |i: usize| Span {
             offset: get_u64(data, REPLY_REGIONS + 16 * i),
             len: get_u64(data, REPLY_REGIONS + 16 * i + 8),
         };
@@ -746,10 +746,10 @@ mod tests {
             dispatch_ring_bytes: 1 << 16,
             max_message_bytes: 1 << 16,
         };
-        let control = Region { offset: 0, len: 4096 };
-        let request = Region { offset: 4096, len: 256 + (1 << 20) };
-        let response = Region { offset: request.end().unwrap(), len: 256 + (1 << 16) };
-        let dispatch = Region { offset: response.end().unwrap(), len: 256 + (1 << 16) };
+        let control = Span { offset: 0, len: 4096 };
+        let request = Span { offset: 4096, len: 256 + (1 << 20) };
+        let response = Span { offset: request.end().unwrap(), len: 256 + (1 << 16) };
+        let dispatch = Span { offset: response.end().unwrap(), len: 256 + (1 << 16) };
         Accepted {
             sizes,
             layout: SegmentLayout {

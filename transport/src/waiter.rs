@@ -434,7 +434,7 @@ mod tests {
                     }
                     return false;
                 }
-                rx.is_ready()
+                rx.has_data_uncached()
             };
             let deadline = Some(Instant::now() + Duration::from_secs(5));
             let result = wait_until_observed(
@@ -489,7 +489,7 @@ mod tests {
                     let result = wait_until_observed(
                         rx.data_wait(),
                         &bell,
-                        || rx.is_ready(),
+                        || rx.has_data_uncached(),
                         liveness,
                         Some(Instant::now() + Duration::from_secs(60)),
                         WaitPolicy::sleep_only(mode),

@@ -17,7 +17,7 @@ use common::*;
 use coroipc_ring::{Consumer, Producer, Region as RingRegion};
 use coroipc_transport::channel::{ChannelError, ClientChannel};
 use coroipc_transport::eventfd::EventFd;
-use coroipc_transport::handshake::{Region, ServerReply, REPLY_LEN};
+use coroipc_transport::handshake::{ServerReply, Span, REPLY_LEN};
 use coroipc_transport::segment::Segment;
 use coroipc_transport::socket::Stream;
 use coroipc_transport::waiter::socket_hung_up;
@@ -96,10 +96,10 @@ fn child() {
 /// The 8-aligned byte ranges `target` scribbles over.
 fn target_ranges(target: &str, a: &coroipc_transport::handshake::Accepted) -> Vec<(u64, u64)> {
     let l = a.layout;
-    let field = |r: Region, off: u64, len: u64| (r.offset + off, r.offset + off + len);
-    let positions = |r: Region| vec![field(r, RING_TAIL, 8), field(r, RING_HEAD, 8)];
-    let waits = |r: Region| vec![field(r, RING_DATA_WAIT, 8), field(r, RING_SPACE_WAIT, 8)];
-    let header = |r: Region| vec![field(r, 0, RING_DATA)];
+    let field = |r: Span, off: u64, len: u64| (r.offset + off, r.offset + off + len);
+    let positions = |r: Span| vec![field(r, RING_TAIL, 8), field(r, RING_HEAD, 8)];
+    let waits = |r: Span| vec![field(r, RING_DATA_WAIT, 8), field(r, RING_SPACE_WAIT, 8)];
+    let header = |r: Span| vec![field(r, 0, RING_DATA)];
     match target {
         "control" => vec![(l.control.offset, l.control.offset + l.control.len)],
         "request-config" => vec![field(l.request, RING_CONFIG.0, RING_CONFIG.1)],
@@ -155,8 +155,7 @@ fn hostile_client() {
     // that follows reports it). The dispatch ring cannot be pinned down so:
     // once it is full, flow control stops the server from touching it (see
     // `CorruptOrStarved`).
-    let attach =
-        |r: Region| Consumer::attach(region.clone(), r.offset as usize, r.len as usize).expect("ring");
+    let attach = |r: Span| Consumer::attach(region.clone(), r.offset as usize, r.len as usize).expect("ring");
     let response_head_scribbled = target == "response-positions" || target == "response-header";
     let mut inbound = vec![attach(accepted.layout.dispatch)];
     if !response_head_scribbled {

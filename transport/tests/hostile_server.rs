@@ -21,9 +21,7 @@ use coroipc_transport::bell::Bell;
 use coroipc_transport::channel::{layout_for, ChannelError, ClientChannel, ConnectError};
 use coroipc_transport::control::Control;
 use coroipc_transport::eventfd::EventFd;
-use coroipc_transport::handshake::{
-    Accepted, HandshakeDecodeError, Region, ServerReply, HELLO_LEN, REPLY_LEN,
-};
+use coroipc_transport::handshake::{Accepted, HandshakeDecodeError, ServerReply, Span, HELLO_LEN, REPLY_LEN};
 use coroipc_transport::segment::{Segment, SegmentOpenError};
 use coroipc_transport::socket::{Endpoint, Listener, Stream};
 use coroipc_transport::waiter::{SleepMode, WaitPolicy};
@@ -169,7 +167,7 @@ impl Setup {
         self.segment.atomic_u64(at as usize)
     }
 
-    fn region(&self, which: &str) -> Region {
+    fn region(&self, which: &str) -> Span {
         let l = self.accepted.layout;
         match which {
             "request" => l.request,

@@ -153,7 +153,11 @@ impl BlockingProducer {
                 }
                 Err(PushError::Full) => {
                     let tx = &self.tx;
-                    self.view.space_wait().wait_once(&*self.futex, || tx.can_reserve(bytes.len()), None);
+                    self.view.space_wait().wait_once(
+                        &*self.futex,
+                        || tx.has_space_uncached(bytes.len()),
+                        None,
+                    );
                 }
                 Err(e) => panic!("push on a healthy ring must only fail Full, got {e:?}"),
             }
@@ -175,7 +179,7 @@ pub fn push_mpsc(tx: &MpscProducer, futex: &LoomFutex, bytes: &[u8]) -> FlowChan
                 return change;
             }
             Err(PushError::Full) => {
-                tx.space_wait().wait_once(futex, || tx.can_reserve(bytes.len()), None);
+                tx.space_wait().wait_once(futex, || tx.has_space_uncached(bytes.len()), None);
             }
             Err(e) => panic!("push on a healthy ring must only fail Full, got {e:?}"),
         }

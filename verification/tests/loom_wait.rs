@@ -45,7 +45,7 @@ fn producer_waits_for_space(
             match tx.try_push(&record) {
                 Ok(_) => break,
                 Err(PushError::Full) => {
-                    tx_view.space_wait().wait_once(&*futex, || tx.can_reserve(record.len()), None);
+                    tx_view.space_wait().wait_once(&*futex, || tx.has_space_uncached(record.len()), None);
                 }
                 Err(e) => panic!("push on a healthy ring must only fail Full, got {e:?}"),
             }

@@ -75,7 +75,7 @@ impl Server {
         let mut raced = false;
         for id in std::mem::take(&mut self.active) {
             if let Some(e) = self.conns.get_mut(&id) {
-                if e.conn.inner.channel.arm() && servable(&e.conn) {
+                if e.conn.inner.channel.arm_requests() && servable(&e.conn) {
                     // A request arrived before the announcement, so its
                     // client rang nobody: keep polling this connection, or
                     // the request would wait for the next tick (10 ms).

@@ -794,7 +794,7 @@ pub fn raw_connect(ep: &str, sizes: coroipc_transport::handshake::RingSizes) -> 
     let request_bell =
         coroipc_transport::eventfd::EventFd::from_fd(fds.next().expect("bell")).expect("request eventfd");
     let region: std::sync::Arc<dyn coroipc_ring::Region> = segment.clone();
-    let at = |r: coroipc_transport::handshake::Region| (r.offset as usize, r.len as usize);
+    let at = |r: coroipc_transport::handshake::Span| (r.offset as usize, r.len as usize);
     let (o, l) = at(accepted.layout.request);
     let requests = coroipc_ring::Producer::attach(region.clone(), o, l).expect("request ring");
     let (o, l) = at(accepted.layout.response);

@@ -14,7 +14,7 @@ use coroipc_ring::{
 use crate::bell::Bell;
 use crate::control::Control;
 use crate::handshake::{
-    Accepted, ClientHello, HandshakeDecodeError, Refusal, Region, RingSizes, ServerReply, HELLO_LEN,
+    Accepted, ClientHello, HandshakeDecodeError, Refusal, RingSizes, ServerReply, Span, HELLO_LEN,
 };
 use crate::segment::Segment;
 use crate::socket::{
@@ -129,7 +129,7 @@ impl PendingHandshake {
         Control::new(&segment, layout.control.offset).init();
         let max_record = u64::from(sizes.max_message_bytes);
         let region: Arc<dyn RingRegion> = segment.clone();
-        let ring_init = |r: Region, cap: u32, wm: Option<Watermarks>| {
+        let ring_init = |r: Span, cap: u32, wm: Option<Watermarks>| {
             let mut config = RingConfig::new(u64::from(cap)).with_max_record(max_record);
             if let Some(w) = wm {
                 config = config.with_watermarks(w);

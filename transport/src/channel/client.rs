@@ -48,7 +48,7 @@ use super::{
 use crate::bell::Bell;
 use crate::control::{Control, DisconnectReason, Side, CONTROL_LEN};
 use crate::eventfd::EventFd;
-use crate::handshake::{Accepted, ClientHello, Region, RingSizes, ServerReply, REPLY_LEN};
+use crate::handshake::{Accepted, ClientHello, RingSizes, ServerReply, Span, REPLY_LEN};
 use crate::segment::Segment;
 use crate::socket::{Endpoint, PeerCred, Stream};
 use crate::waiter::{spin_until, wait_until, Liveness, WaitPolicy};
@@ -252,7 +252,7 @@ impl ClientChannel {
             return Err(ConnectError::Control);
         }
         let region: Arc<dyn RingRegion> = segment.clone();
-        let at = |r: Region| (r.offset as usize, r.len as usize);
+        let at = |r: Span| (r.offset as usize, r.len as usize);
         let (o, l) = at(layout.request);
         let requests = Producer::attach(region.clone(), o, l).map_err(ConnectError::Ring)?;
         let (o, l) = at(layout.response);
@@ -491,7 +491,7 @@ impl ClientRequests {
             wait_until(
                 requests.space_wait(),
                 &link.request_bell,
-                || !control.request_paused() && requests.can_reserve(len),
+                || !control.request_paused() && requests.has_space_uncached(len),
                 link.liveness(),
                 deadline,
                 self.policy,
@@ -515,7 +515,7 @@ impl ClientRequests {
         wait_until(
             responses.data_wait(),
             &self.link.response_bell,
-            || responses.is_ready(),
+            || responses.has_data_uncached(),
             self.link.liveness(),
             deadline,
             self.policy,
@@ -540,7 +540,7 @@ impl ClientRequests {
         if self.response_armed.is_none() {
             self.response_armed = Some(self.responses.data_wait().announce_poll());
         }
-        self.responses.is_ready()
+        self.responses.has_data_uncached()
     }
 
     /// Withdraws [`arm_response`](Self::arm_response)'s announcement and
@@ -633,13 +633,13 @@ impl ClientDispatch {
     ///
     /// As [`peek_dispatch`](Self::peek_dispatch).
     pub fn peek_dispatch_spin(&mut self, spin: Duration) -> Result<Option<&[u8]>, ChannelError> {
-        if !spin.is_zero() && !self.dispatch.is_ready() {
+        if !spin.is_zero() && !self.dispatch.has_data_uncached() {
             if let Some(a) = self.armed.take() {
                 self.dispatch.data_wait().cancel(a);
                 self.quiet = true;
             }
             let dispatch = &self.dispatch;
-            spin_until(&mut || dispatch.is_ready(), spin);
+            spin_until(&mut || dispatch.has_data_uncached(), spin);
         }
         self.peek_dispatch()
     }
@@ -781,7 +781,7 @@ impl ClientDispatch {
         wait_until(
             dispatch.data_wait(),
             &self.link.dispatch_bell,
-            || dispatch.is_ready(),
+            || dispatch.has_data_uncached(),
             self.link.liveness(),
             deadline,
             self.policy,

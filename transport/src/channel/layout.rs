@@ -4,7 +4,7 @@
 use coroipc_ring::{record_size, required_size};
 
 use crate::control::CONTROL_LEN;
-use crate::handshake::{Refusal, Region, RingSizes, SegmentLayout, MAX_RING_BYTES, MIN_RING_BYTES};
+use crate::handshake::{Refusal, RingSizes, SegmentLayout, Span, MAX_RING_BYTES, MIN_RING_BYTES};
 
 /// The server's limits on what a client may ask for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -76,10 +76,10 @@ pub fn negotiate(asked: &RingSizes, limits: &Limits) -> Result<RingSizes, Refusa
 /// response and dispatch rings, each 128-aligned; the length rounded up to
 /// a page.
 pub fn layout_for(sizes: &RingSizes) -> SegmentLayout {
-    let control = Region { offset: 0, len: CONTROL_LEN };
+    let control = Span { offset: 0, len: CONTROL_LEN };
     let mut at = CONTROL_LEN.next_multiple_of(128);
     let mut next = |cap: u32| {
-        let r = Region { offset: at, len: required_size(u64::from(cap)) as u64 };
+        let r = Span { offset: at, len: required_size(u64::from(cap)) as u64 };
         at = (at + r.len).next_multiple_of(128);
         r
     };

@@ -21,7 +21,7 @@ use super::{lock, pop_error, push_error, wake_all, ChannelError};
 #[derive(Debug)]
 pub(super) struct RequestSide {
     pub(super) consumer: Consumer,
-    /// The poll-mode announcement made by [`ServerChannel::arm`].
+    /// The poll-mode announcement made by [`ServerChannel::arm_requests`].
     pub(super) armed: Option<Announcement>,
 }
 
@@ -72,7 +72,7 @@ impl ServerChannel {
         self.stream.as_fd()
     }
 
-    /// The request bell's eventfd: readable after [`arm`](Self::arm) once a
+    /// The request bell's eventfd: readable after [`arm_requests`](Self::arm_requests) once a
     /// request arrives.
     pub fn request_fd(&self) -> BorrowedFd<'_> {
         self.request_bell.as_fd()
@@ -81,7 +81,7 @@ impl ServerChannel {
     /// Whether a request is waiting (or the ring is corrupt, which the next
     /// [`try_recv_request`](Self::try_recv_request) reports).
     pub fn has_request(&self) -> bool {
-        lock(&self.requests).consumer.is_ready()
+        lock(&self.requests).consumer.has_data_uncached()
     }
 
     /// Copies the next request into `buf` (resized to fit) and frees its
@@ -110,20 +110,20 @@ impl ServerChannel {
     /// Prepares for the event loop to sleep: announces on the request ring
     /// that this side waits in poll on [`request_fd`](Self::request_fd).
     /// Returns `true` if a request arrived meanwhile (then do not sleep).
-    pub fn arm(&self) -> bool {
+    pub fn arm_requests(&self) -> bool {
         let mut side = lock(&self.requests);
         if side.armed.is_none() {
             let a = side.consumer.data_wait().announce_poll();
             side.armed = Some(a);
         }
-        side.consumer.is_ready()
+        side.consumer.has_data_uncached()
     }
 
     /// Waits until a request is waiting, with `policy` (spin, then sleep on
     /// the request ring's futex or in `poll(2)` on the request bell and the
     /// socket): for a server that gives a connection its own thread, and for
     /// the wake-path benches. An event-loop server uses
-    /// [`arm`](Self::arm)/[`request_fd`](Self::request_fd) instead.
+    /// [`arm_requests`](Self::arm_requests)/[`request_fd`](Self::request_fd) instead.
     ///
     /// Does not hold the request lock while it sleeps.
     ///
@@ -144,19 +144,19 @@ impl ServerChannel {
         .map_err(Into::into)
     }
 
-    /// [`disarm`](Self::disarm) without draining the request bell, for an
+    /// [`disarm_requests`](Self::disarm_requests) without draining the request bell, for an
     /// event loop that watches it edge-triggered (then a pending count in
     /// the eventfd does no harm, and the `read` is saved).
-    pub fn disarm_without_drain(&self) {
+    pub fn disarm_requests_keep_bell(&self) {
         let mut side = lock(&self.requests);
         if let Some(a) = side.armed.take() {
             side.consumer.data_wait().cancel(a);
         }
     }
 
-    /// Withdraws the announcement made by [`arm`](Self::arm) and drains the
+    /// Withdraws the announcement made by [`arm_requests`](Self::arm_requests) and drains the
     /// request bell (after the event loop woke up).
-    pub fn disarm(&self) {
+    pub fn disarm_requests(&self) {
         let mut side = lock(&self.requests);
         if let Some(a) = side.armed.take() {
             side.consumer.data_wait().cancel(a);
@@ -194,7 +194,7 @@ impl ServerChannel {
                     wait_until(
                         handle.point(),
                         &self.response_bell,
-                        || lock(&self.responses).can_reserve(len),
+                        || lock(&self.responses).has_space_uncached(len),
                         self.liveness(),
                         Some(deadline),
                         WaitPolicy::default(),
@@ -268,7 +268,7 @@ impl ServerChannel {
         wait_until(
             dispatch.space_wait(),
             &self.dispatch_bell,
-            || dispatch.flow_state() == FlowState::Off && dispatch.can_reserve(len),
+            || dispatch.flow_state() == FlowState::Off && dispatch.has_space_uncached(len),
             self.liveness(),
             Some(deadline),
             WaitPolicy::default(),

@@ -603,7 +603,7 @@ impl TestServer {
         }
         let mut woke = false;
         for c in &self.conns {
-            woke |= c.channel.arm();
+            woke |= c.channel.arm_requests();
         }
         if !woke {
             let mut fds: Vec<(BorrowedFd<'_>, PollFlags)> = vec![(self.listener.as_fd(), PollFlags::IN)];
@@ -620,7 +620,7 @@ impl TestServer {
             let _ = poll(&mut pfds, Some(&ts));
         }
         for c in &self.conns {
-            c.channel.disarm();
+            c.channel.disarm_requests();
         }
     }
 }
