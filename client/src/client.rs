@@ -1,25 +1,22 @@
 //! The client connection.
 
-use std::cell::Cell;
-use std::collections::{HashMap, HashSet};
 use std::io::IoSlice;
-use std::ops::Deref;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use coroipc_ring::FlowState;
-use coroipc_transport::channel::{
-    ChannelError, ClientChannel, ClientDispatch, ClientRequests, ClientStatus, ConnectOptions, PendingConnect,
-};
-use coroipc_transport::handshake::{ClientHello, RingSizes};
-use coroipc_transport::message::{MessageHeader, Status, FLAG_ONEWAY, HEADER_LEN};
-use coroipc_transport::socket::{Endpoint, PeerCred};
+use coroipc_transport::channel::{ClientDispatch, ClientStatus, DispatchPoll};
+use coroipc_transport::handshake::RingSizes;
+use coroipc_transport::message::{FLAG_ONEWAY, HEADER_LEN};
+use coroipc_transport::socket::PeerCred;
 use coroipc_transport::waiter::WaitPolicy;
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use rustix::event::{epoll, poll, PollFd, PollFlags, Timespec};
 
+use crate::builder::ClientBuilder;
+use crate::core::{peek_dispatch, Answer, Core, Deadline, Want};
 use crate::error::{Error, Result};
+use crate::guards::{thread_token, DispatchGuard, ResponseGuard};
 
 /// Sizes a client asks for; 0 (the default) means "the server's default".
 pub type Sizes = RingSizes;
@@ -39,183 +36,6 @@ pub struct DispatchInfo {
     pub len: usize,
 }
 
-/// Configures and opens a [`Client`].
-#[derive(Clone, Debug)]
-pub struct ClientBuilder {
-    endpoint: String,
-    service: u16,
-    sizes: Sizes,
-    timeout: Duration,
-    policy: WaitPolicy,
-    max_in_flight: usize,
-    server_uid: Option<u32>,
-}
-
-impl ClientBuilder {
-    /// Sizes to ask for (0 fields: the server's defaults).
-    pub fn sizes(mut self, sizes: Sizes) -> Self {
-        self.sizes = sizes;
-        self
-    }
-
-    /// Largest message to ask for (header included).
-    pub fn max_message(mut self, bytes: u32) -> Self {
-        self.sizes.max_message_bytes = bytes;
-        self
-    }
-
-    /// How long connecting may take (default 5 s).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// Requires the server to run as `uid`: the listener's kernel-given
-    /// uid (`SO_PEERCRED`) is checked right after connecting, before the
-    /// hello is sent or anything the server sends is used; another uid
-    /// fails the connect with [`Error::WrongServer`]. Abstract endpoints
-    /// (`@name`) have no permissions, so any local user can bind the name
-    /// first; this check is how a client tells.
-    ///
-    /// # Examples
-    ///
-    /// ```no_run
-    /// # fn main() -> Result<(), coroipc_client::Error> {
-    /// // Only talk to a server running as root.
-    /// let client = coroipc_client::Client::builder("@corosync.ipc", 1).require_server_uid(0).connect()?;
-    /// # drop(client); Ok(()) }
-    /// ```
-    pub fn require_server_uid(mut self, uid: u32) -> Self {
-        self.server_uid = Some(uid);
-        self
-    }
-
-    /// The connect options: deadline and server identity.
-    fn connect_options(&self) -> ConnectOptions {
-        let options = ConnectOptions::new(self.timeout);
-        match self.server_uid {
-            Some(uid) => options.require_server_uid(uid),
-            None => options,
-        }
-    }
-
-    /// How blocking calls wait (spin budget, then futex or poll).
-    pub fn wait_policy(mut self, policy: WaitPolicy) -> Self {
-        self.policy = policy;
-        self
-    }
-
-    /// Largest number of pipelined requests in flight (default 256).
-    pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.max_in_flight = n.max(1);
-        self
-    }
-
-    /// Connects (coroipc's `coroipcc_service_connect`).
-    ///
-    /// # Errors
-    ///
-    /// `Io` if nobody listens or access to the socket is denied;
-    /// `AccessDenied`, `NoSuchService`, `TooBig`, `ConnectionLimit`,
-    /// `VersionMismatch` when the server refuses; `Timeout`; `Protocol` if
-    /// the server's answer is malformed.
-    #[doc(alias = "coroipcc_service_connect")]
-    pub fn connect(self) -> Result<Client> {
-        Client::assemble(self.open()?)
-    }
-
-    /// Starts connecting without blocking, for event loops: poll
-    /// [`PendingClient`]'s fd for readability, call
-    /// [`PendingClient::poll`] until it says `true`, then
-    /// [`PendingClient::finish`]. Never blocks: a server whose accept
-    /// backlog is full is retried by [`PendingClient::poll`] until the
-    /// [`timeout`](Self::timeout), which then reports `Timeout`.
-    ///
-    /// # Errors
-    ///
-    /// `Io` if nobody listens.
-    pub fn connect_nonblocking(self) -> Result<PendingClient> {
-        let started = (|| {
-            let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
-            let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
-            Ok(PendingConnect::connect_with(&endpoint, &hello, &self.connect_options())?)
-        })();
-        match started {
-            Ok(pending) => Ok(PendingClient { pending, builder: self }),
-            Err(e) => Err(self.name_in(e)),
-        }
-    }
-
-    /// `e` with this builder's endpoint and service in its message.
-    fn name_in(&self, e: Error) -> Error {
-        e.naming(&self.endpoint, self.service)
-    }
-
-    /// The parts of a client over an established channel.
-    fn adopt(&self, mut channel: ClientChannel) -> Result<Parts> {
-        channel.set_wait_policy(self.policy);
-        // Duplicates of the socket and the dispatch fd, to sleep on without
-        // any lock.
-        let socket_fd = channel.socket_fd().try_clone_to_owned().map_err(Error::from)?;
-        let (requests, dispatch, status) = channel.split();
-        let dispatch_fd = dispatch.dispatch_fd().try_clone_to_owned().map_err(Error::from)?;
-        let core = Core {
-            channel: requests,
-            next_seq: 1,
-            wanted: HashSet::new(),
-            outstanding: HashSet::new(),
-            arrived: HashMap::new(),
-            max_in_flight: self.max_in_flight,
-            kept: None,
-            sleeper: false,
-            followers: 0,
-            stashed: false,
-            async_waiters: 0,
-        };
-        Ok(Parts { core, dispatch, status, dispatch_fd, socket_fd })
-    }
-}
-
-/// A client connection being set up without blocking
-/// ([`ClientBuilder::connect_nonblocking`]).
-#[derive(Debug)]
-pub struct PendingClient {
-    pending: PendingConnect,
-    builder: ClientBuilder,
-}
-
-impl PendingClient {
-    /// Reads what the server sent; `true` once the handshake reply is
-    /// complete.
-    ///
-    /// # Errors
-    ///
-    /// As [`ClientBuilder::connect`].
-    pub fn poll(&mut self) -> Result<bool> {
-        self.pending.poll().map_err(|e| self.builder.name_in(e.into()))
-    }
-
-    /// Finishes the connection (validation and mapping; no waiting).
-    ///
-    /// # Errors
-    ///
-    /// As [`ClientBuilder::connect`].
-    pub fn finish(self) -> Result<Client> {
-        let builder = self.builder;
-        let channel = self.pending.finish().map_err(|e| builder.name_in(e.into()))?;
-        Client::assemble(builder.adopt(channel)?)
-    }
-}
-
-impl AsFd for PendingClient {
-    /// Readable when [`PendingClient::poll`] has something to do: the
-    /// server's answer arrived, a retry of a connect to a full backlog is
-    /// due, or the timeout passed. The same descriptor until `finish`.
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.pending.fd()
-    }
-}
-
 /// What an open connection is made of, before it becomes a blocking or an
 /// async client.
 pub(crate) struct Parts {
@@ -224,139 +44,6 @@ pub(crate) struct Parts {
     pub(crate) status: ClientStatus,
     pub(crate) dispatch_fd: OwnedFd,
     pub(crate) socket_fd: OwnedFd,
-}
-
-impl Client {
-    fn assemble(parts: Parts) -> Result<Client> {
-        // What the application polls: readable while a dispatch message is
-        // pending (the dispatch eventfd is kept level by the transport),
-        // and when the server went away, even killed (its socket hangs up).
-        let poll_fd =
-            epoll::create(epoll::CreateFlags::CLOEXEC).map_err(|e| Error::from(std::io::Error::from(e)))?;
-        for (fd, tag) in [(&parts.dispatch_fd, 0u64), (&parts.socket_fd, 1)] {
-            epoll::add(
-                &poll_fd,
-                fd,
-                epoll::EventData::new_u64(tag),
-                epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
-            )
-            .map_err(|e| Error::from(std::io::Error::from(e)))?;
-        }
-        Ok(Client {
-            core: Mutex::new(parts.core),
-            bulletin: Bulletin::default(),
-            dispatch: Mutex::new(parts.dispatch),
-            status: parts.status,
-            response_guard: AtomicU64::new(0),
-            dispatch_guard: AtomicU64::new(0),
-            poll_fd,
-            _dispatch_fd: parts.dispatch_fd,
-            _socket_fd: parts.socket_fd,
-        })
-    }
-}
-
-impl ClientBuilder {
-    /// Connects and returns the parts of a client.
-    pub(crate) fn open(self) -> Result<Parts> {
-        let opened = (|| {
-            let endpoint = Endpoint::parse(&self.endpoint).map_err(|e| Error::Protocol(e.to_string()))?;
-            let hello = ClientHello { service: self.service, flags: 0, sizes: self.sizes };
-            let channel = ClientChannel::connect_with(&endpoint, &hello, &self.connect_options())?;
-            self.adopt(channel)
-        })();
-        opened.map_err(|e| self.name_in(e))
-    }
-}
-
-/// The request/response state: the transport's half plus the matching of
-/// responses to requests. Locked only for short steps, never across a
-/// sleep (except by a [`ResponseGuard`]).
-pub(crate) struct Core {
-    pub(crate) channel: ClientRequests,
-    next_seq: u64,
-    /// Every request whose answer someone still waits for: calls and
-    /// tickets. An answer to anything else (a call that timed out, a
-    /// sequence number never sent) is dropped, so the stash stays bounded.
-    wanted: HashSet<u64>,
-    /// Pipelined requests (tickets) whose response has not been collected.
-    pub(crate) outstanding: HashSet<u64>,
-    /// Answers that arrived before their caller looked: (status, payload).
-    arrived: HashMap<u64, (Status, Vec<u8>)>,
-    pub(crate) max_in_flight: usize,
-    /// The response of the last synchronous call that did not fit the
-    /// caller's buffer.
-    kept: Option<Vec<u8>>,
-    /// A thread sleeps on the response ring for everyone.
-    sleeper: bool,
-    /// Threads waiting on the bulletin for the sleeper or a stashed answer.
-    followers: usize,
-    /// An answer was stashed for another caller since the flag was cleared.
-    pub(crate) stashed: bool,
-    /// Async calls waiting (they keep the response ring's poller
-    /// announcement up).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) async_waiters: usize,
-}
-
-/// Which response a wait is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Want {
-    /// The answer to this sequence number.
-    Seq(u64),
-    /// The answer to any outstanding ticket.
-    AnyTicket,
-}
-
-/// Wakes the threads that wait for answers someone else read (or for the
-/// sleeper's seat): a counter behind its own small lock, so a waiter's
-/// timeout never depends on the request lock.
-#[derive(Debug, Default)]
-struct Bulletin {
-    posts: Mutex<u64>,
-    posted: Condvar,
-}
-
-impl Bulletin {
-    fn seen(&self) -> u64 {
-        *self.posts.lock()
-    }
-
-    fn post(&self) {
-        *self.posts.lock() += 1;
-        self.posted.notify_all();
-    }
-
-    /// Waits until something is posted after `seen`, or the deadline.
-    fn wait(&self, seen: u64, deadline: Option<Instant>) {
-        let mut posts = self.posts.lock();
-        while *posts == seen {
-            match deadline {
-                Some(d) => {
-                    if self.posted.wait_until(&mut posts, d).timed_out() {
-                        return;
-                    }
-                }
-                None => self.posted.wait(&mut posts),
-            }
-        }
-    }
-}
-
-thread_local! {
-    /// This thread's token for guard ownership (0 is "nobody").
-    static THREAD_TOKEN: Cell<u64> = const { Cell::new(0) };
-}
-
-/// A process-unique, non-zero token for the calling thread.
-fn thread_token() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    THREAD_TOKEN.with(|t| {
-        if t.get() == 0 {
-            t.set(NEXT.fetch_add(1, Ordering::Relaxed));
-        }
-        t.get()
-    })
 }
 
 /// A connection to one service of a coroipc server.
@@ -379,302 +66,32 @@ pub struct Client {
     /// An epoll fd watching duplicates of the dispatch eventfd and the
     /// socket: the fd handed to the application, and what blocking
     /// receives sleep on without holding a lock.
-    poll_fd: OwnedFd,
-    _dispatch_fd: OwnedFd,
-    _socket_fd: OwnedFd,
+    poll: DispatchPoll,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("poll_fd", &self.poll_fd).finish_non_exhaustive()
+        f.debug_struct("Client").field("poll", &self.poll).finish_non_exhaustive()
     }
-}
-
-/// A deadline read off the clock only when a wait is actually needed (the
-/// common case — an answer that is already there — reads no clock; clock
-/// reads showed at 12% of the pipelined profile).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Deadline {
-    timeout: Option<Duration>,
-    at: Option<Instant>,
-}
-
-impl Deadline {
-    pub(crate) fn new(timeout: Option<Duration>) -> Self {
-        Self { timeout, at: None }
-    }
-
-    /// Whether the caller asked not to wait at all.
-    fn is_now(&self) -> bool {
-        self.timeout == Some(Duration::ZERO)
-    }
-
-    /// The deadline, fixed the first time it is asked for.
-    fn get(&mut self) -> Option<Instant> {
-        let t = self.timeout?;
-        Some(*self.at.get_or_insert_with(|| Instant::now() + t))
-    }
-}
-
-/// A response read in place (zero-copy). The response stays in the ring
-/// until the guard drops; the guard holds the client's request lock
-/// meanwhile: other threads' calls wait (bounded by their timeouts), and
-/// calls from the guard's own thread fail with [`Error::GuardHeld`].
-/// Dispatch receives are not affected.
-pub struct ResponseGuard<'a> {
-    core: MutexGuard<'a, Core>,
-    holder: &'a AtomicU64,
-    /// The answer, when another waiting thread had already copied it out
-    /// of the ring for this caller (only with concurrent callers); `None`:
-    /// it is in the ring.
-    copied: Option<Vec<u8>>,
-}
-
-impl Deref for ResponseGuard<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match &self.copied {
-            Some(payload) => payload,
-            None => self.core.channel.current_response().map_or(&[], |m| &m[HEADER_LEN..]),
-        }
-    }
-}
-
-impl Drop for ResponseGuard<'_> {
-    fn drop(&mut self) {
-        if self.copied.is_none() {
-            self.core.channel.release_response();
-        }
-        self.holder.store(0, Ordering::Relaxed);
-    }
-}
-
-impl std::fmt::Debug for ResponseGuard<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseGuard").field("len", &self.len()).finish()
-    }
-}
-
-/// A dispatch message read in place (zero-copy); released on drop. Holds
-/// the client's dispatch lock meanwhile (calls are not affected; another
-/// dispatch receive from the guard's own thread fails with
-/// [`Error::GuardHeld`]).
-pub struct DispatchGuard<'a> {
-    dispatch: MutexGuard<'a, ClientDispatch>,
-    holder: &'a AtomicU64,
-    info: DispatchInfo,
-    /// From a blocking receive: released as a stream's message.
-    streaming: bool,
-}
-
-impl DispatchGuard<'_> {
-    /// The message's id and sequence number.
-    pub fn info(&self) -> DispatchInfo {
-        self.info
-    }
-}
-
-impl Deref for DispatchGuard<'_> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.dispatch.current_dispatch().map_or(&[], |m| &m[HEADER_LEN..])
-    }
-}
-
-impl Drop for DispatchGuard<'_> {
-    fn drop(&mut self) {
-        if self.streaming {
-            self.dispatch.release_dispatch_streaming();
-        } else {
-            self.dispatch.release_dispatch();
-        }
-        self.holder.store(0, Ordering::Relaxed);
-    }
-}
-
-impl std::fmt::Debug for DispatchGuard<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DispatchGuard").field("info", &self.info).finish()
-    }
-}
-
-/// An answer found for a caller: still in the ring (peeked), or stashed.
-enum Answer {
-    InRing(Status, usize),
-    Stashed(Status, Vec<u8>),
-}
-
-impl Core {
-    /// Sends a request under the next sequence number and marks its answer
-    /// as wanted.
-    pub(crate) fn send(
-        &mut self,
-        command: u16,
-        flags: u32,
-        parts: &[IoSlice<'_>],
-        deadline: &mut Deadline,
-    ) -> Result<u64> {
-        let seq = self.next_seq;
-        let header = MessageHeader { id: u32::from(command), flags, seq }.encode();
-        // Header + parts, on the stack for up to three parts (no allocation
-        // per call).
-        let mut inline = [IoSlice::new(&[]); 4];
-        let heap;
-        let iov: &[IoSlice<'_>] = if parts.len() < inline.len() {
-            inline[0] = IoSlice::new(&header);
-            inline[1..=parts.len()].copy_from_slice(parts);
-            &inline[..=parts.len()]
-        } else {
-            heap = [&[IoSlice::new(&header)][..], parts].concat();
-            &heap
-        };
-        match self.channel.try_send(iov) {
-            Err(ChannelError::TryAgain) if !deadline.is_now() => self.channel.send(iov, deadline.get())?,
-            other => other?,
-        }
-        self.next_seq += 1;
-        if flags & FLAG_ONEWAY == 0 {
-            self.wanted.insert(seq);
-        }
-        Ok(seq)
-    }
-
-    /// Forgets request `seq`: its answer, if it comes, is dropped.
-    pub(crate) fn abandon(&mut self, seq: u64) {
-        self.wanted.remove(&seq);
-        self.outstanding.remove(&seq);
-        self.arrived.remove(&seq);
-    }
-
-    /// Looks at the responses that have arrived, without waiting, for the
-    /// one wanted. That one is left peeked (readable through
-    /// `current_response`) and returned as (seq, status, length); answers
-    /// other callers still want are stashed for them (and `stashed` set);
-    /// answers nobody wants are dropped. The one place responses are
-    /// matched to requests — every blocking and async wait goes through it.
-    pub(crate) fn next_response(&mut self, want: Want) -> Result<Option<(u64, Status, usize)>> {
-        loop {
-            let Some(msg) = self.channel.peek_response()? else {
-                return Ok(None);
-            };
-            let Some(h) = MessageHeader::decode(msg) else {
-                self.channel.release_response();
-                return Err(Error::Protocol("response shorter than its header".into()));
-            };
-            let len = msg.len() - HEADER_LEN;
-            let hit = match want {
-                Want::Seq(seq) => h.seq == seq,
-                Want::AnyTicket => self.outstanding.contains(&h.seq),
-            };
-            if hit && self.wanted.contains(&h.seq) {
-                return Ok(Some((h.seq, Status::from_code(h.id), len)));
-            }
-            if self.wanted.contains(&h.seq) {
-                let payload = msg[HEADER_LEN..].to_vec();
-                self.arrived.insert(h.seq, (Status::from_code(h.id), payload));
-                self.stashed = true;
-            }
-            self.channel.release_response();
-        }
-    }
-
-    /// The answer to `seq` if it is there (stashed or next in the ring);
-    /// marks it no longer wanted.
-    fn find(&mut self, seq: u64) -> Result<Option<Answer>> {
-        if let Some((status, payload)) = self.arrived.remove(&seq) {
-            self.wanted.remove(&seq);
-            return Ok(Some(Answer::Stashed(status, payload)));
-        }
-        Ok(self.next_response(Want::Seq(seq))?.map(|(seq, status, len)| {
-            self.wanted.remove(&seq);
-            Answer::InRing(status, len)
-        }))
-    }
-
-    /// Copies out and releases the response left peeked in the ring.
-    pub(crate) fn take_in_ring(&mut self) -> Vec<u8> {
-        let payload = self.channel.current_response().map(|m| m[HEADER_LEN..].to_vec()).unwrap_or_default();
-        self.channel.release_response();
-        payload
-    }
-
-    /// Takes the stashed or arrived response of `seq` as an owned
-    /// message, without waiting.
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn try_take(&mut self, seq: u64) -> Result<Option<(Status, Vec<u8>)>> {
-        Ok(match self.find(seq)? {
-            Some(Answer::Stashed(status, payload)) => Some((status, payload)),
-            Some(Answer::InRing(status, _)) => Some((status, self.take_in_ring())),
-            None => None,
-        })
-    }
-
-    /// Copies the peeked response `seq` into `buf` and releases it. A
-    /// response larger than `buf` is kept, not lost: a pipelined one stays
-    /// stashed under its ticket (`keep_as_ticket`; `wait` it again with a
-    /// larger buffer), a synchronous call's is kept for
-    /// [`Client::take_kept_response`].
-    fn copy_answer(
-        &mut self,
-        seq: u64,
-        answer: Answer,
-        buf: &mut [u8],
-        keep_as_ticket: bool,
-    ) -> Result<usize> {
-        let (status, payload) = match answer {
-            Answer::InRing(status, len) => {
-                if let Some(e) = Error::from_status(status) {
-                    self.channel.release_response();
-                    return Err(e);
-                }
-                if len <= buf.len() {
-                    if let Some(m) = self.channel.current_response() {
-                        buf[..len].copy_from_slice(&m[HEADER_LEN..]);
-                    }
-                    self.channel.release_response();
-                    return Ok(len);
-                }
-                (status, self.take_in_ring())
-            }
-            Answer::Stashed(status, payload) => {
-                if let Some(e) = Error::from_status(status) {
-                    return Err(e);
-                }
-                (status, payload)
-            }
-        };
-        if payload.len() > buf.len() {
-            let needed = payload.len();
-            if keep_as_ticket {
-                self.outstanding.insert(seq);
-                self.wanted.insert(seq);
-                self.arrived.insert(seq, (status, payload));
-            } else {
-                self.kept = Some(payload);
-            }
-            return Err(Error::BufferTooSmall { needed });
-        }
-        buf[..payload.len()].copy_from_slice(&payload);
-        Ok(payload.len())
-    }
-}
-
-/// Peeks the next dispatch message and decodes its header; the message
-/// stays peeked (readable through `current_dispatch`) until released.
-/// `TryAgain` if there is none. Shared by every dispatch receive, blocking
-/// or async.
-pub(crate) fn peek_dispatch(dispatch: &mut ClientDispatch, spin: Duration) -> Result<DispatchInfo> {
-    let Some(msg) = dispatch.peek_dispatch_spin(spin)? else {
-        return Err(Error::TryAgain);
-    };
-    let Some(h) = MessageHeader::decode(msg) else {
-        dispatch.release_dispatch();
-        return Err(Error::Protocol("dispatch message shorter than its header".into()));
-    };
-    Ok(DispatchInfo { id: h.id, seq: h.seq, len: msg.len() - HEADER_LEN })
 }
 
 impl Client {
+    pub(crate) fn assemble(parts: Parts) -> Result<Client> {
+        // What the application polls: readable while a dispatch message is
+        // pending (the dispatch eventfd is kept level by the transport),
+        // and when the server went away, even killed (its socket hangs up).
+        let poll = DispatchPoll::new(&parts.dispatch)?;
+        Ok(Client {
+            core: Mutex::new(parts.core),
+            bulletin: Bulletin::default(),
+            dispatch: Mutex::new(parts.dispatch),
+            status: parts.status,
+            response_guard: AtomicU64::new(0),
+            dispatch_guard: AtomicU64::new(0),
+            poll,
+        })
+    }
+
     /// Connects to `service` at `endpoint` (a path, or `@name` for an
     /// abstract socket) with default sizes and a 5 s timeout.
     ///
@@ -1193,22 +610,11 @@ impl Client {
     /// Sleeps until the dispatch fd (or the socket) is readable, or the
     /// deadline.
     fn sleep_dispatch(&self, deadline: Option<Instant>) -> Result<()> {
-        let left = match deadline {
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(Error::Timeout);
-                }
-                Some(left)
-            }
-            None => None,
-        };
-        let mut fds = [PollFd::new(&self.poll_fd, PollFlags::IN)];
-        let ts = left.map(|d| Timespec::try_from(d).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 }));
-        match poll(&mut fds, ts.as_ref()) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
-            Err(e) => Err(Error::from(std::io::Error::from(e))),
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Error::Timeout);
         }
+        self.poll.wait(deadline)?;
+        Ok(())
     }
 
     /// The dispatch channel's flow-control state: `On` while the server
@@ -1236,6 +642,41 @@ impl Client {
     }
 }
 
+/// Wakes the threads that wait for answers someone else read (or for the
+/// sleeper's seat): a counter behind its own small lock, so a waiter's
+/// timeout never depends on the request lock.
+#[derive(Debug, Default)]
+struct Bulletin {
+    posts: Mutex<u64>,
+    posted: Condvar,
+}
+
+impl Bulletin {
+    fn seen(&self) -> u64 {
+        *self.posts.lock()
+    }
+
+    fn post(&self) {
+        *self.posts.lock() += 1;
+        self.posted.notify_all();
+    }
+
+    /// Waits until something is posted after `seen`, or the deadline.
+    fn wait(&self, seen: u64, deadline: Option<Instant>) {
+        let mut posts = self.posts.lock();
+        while *posts == seen {
+            match deadline {
+                Some(d) => {
+                    if self.posted.wait_until(&mut posts, d).timed_out() {
+                        return;
+                    }
+                }
+                None => self.posted.wait(&mut posts),
+            }
+        }
+    }
+}
+
 /// The instant `timeout` from now (`None`: never).
 fn instant_after(timeout: Option<Duration>) -> Option<Instant> {
     timeout.map(|t| Instant::now() + t)
@@ -1251,7 +692,7 @@ impl AsFd for Client {
     /// the dispatch eventfd and the connection socket.)
     #[doc(alias = "coroipcc_fd_get")]
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.poll_fd.as_fd()
+        self.poll.as_fd()
     }
 }
 

@@ -47,20 +47,23 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod builder;
 mod client;
+mod core;
 mod error;
+mod guards;
 #[cfg(feature = "tokio")]
 pub mod tokio;
 #[cfg(feature = "typed")]
 pub mod typed;
 
-pub use client::{
-    Client, ClientBuilder, DispatchGuard, DispatchInfo, PendingClient, ResponseGuard, Sizes, Ticket,
-};
+pub use builder::{ClientBuilder, PendingClient};
+pub use client::{Client, DispatchInfo, Sizes, Ticket};
 pub use coroipc_ring::FlowState;
 pub use coroipc_transport::control::DisconnectReason;
 pub use coroipc_transport::message::Status;
 pub use coroipc_transport::waiter::{SleepMode, WaitPolicy};
 pub use error::{Error, Result};
+pub use guards::{DispatchGuard, ResponseGuard};
 #[cfg(feature = "tokio")]
 pub use tokio::{AsyncClient, Dispatch, DispatchStream};

@@ -30,7 +30,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use crate::client::{peek_dispatch, ClientBuilder, Core, Deadline};
+use crate::builder::ClientBuilder;
+use crate::core::{peek_dispatch, Core, Deadline};
 use crate::error::{Error, Result};
 use crate::{FlowState, Sizes, Ticket};
 

@@ -48,7 +48,7 @@ mod layout;
 mod server;
 
 pub use accept::PendingHandshake;
-pub use client::{ClientChannel, ClientDispatch, ClientRequests, ClientStatus};
+pub use client::{ClientChannel, ClientDispatch, ClientRequests, ClientStatus, DispatchPoll};
 pub use connect::{ConnectOptions, PendingConnect};
 use error::{pop_error, push_error};
 pub use error::{ChannelError, ConnectError, HandshakeError};

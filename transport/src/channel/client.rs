@@ -796,3 +796,60 @@ impl ClientDispatch {
         self.link.dispatch_bell.as_fd()
     }
 }
+
+/// The one descriptor an application polls for a client connection
+/// (coroipc's `coroipcc_fd_get`): an epoll fd over the dispatch eventfd
+/// (level-triggered, see the module docs) and the connection socket (which
+/// hangs up when the server goes away, even killed). Readable exactly while
+/// a dispatch message is pending or the server is gone.
+#[derive(Debug)]
+pub struct DispatchPoll {
+    epoll: OwnedFd,
+}
+
+impl DispatchPoll {
+    /// The poll set of the connection that `dispatch` belongs to.
+    ///
+    /// # Errors
+    ///
+    /// `epoll_create1(2)` / `epoll_ctl(2)` failures (out of descriptors).
+    pub fn new(dispatch: &ClientDispatch) -> std::io::Result<Self> {
+        use rustix::event::epoll;
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let fds = [dispatch.link.dispatch_bell.as_fd(), dispatch.link.stream.as_fd()];
+        for (tag, fd) in fds.into_iter().enumerate() {
+            epoll::add(
+                &epoll,
+                fd,
+                epoll::EventData::new_u64(tag as u64),
+                epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+            )?;
+        }
+        Ok(Self { epoll })
+    }
+
+    /// Sleeps until the set is readable or `deadline` passes (`None`:
+    /// forever); returns whether it is readable. A signal ends the sleep
+    /// early (the caller looks and sleeps again).
+    ///
+    /// # Errors
+    ///
+    /// `poll(2)` failures other than `EINTR`.
+    pub fn wait(&self, deadline: Option<Instant>) -> std::io::Result<bool> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let ts = left.map(|d| Timespec::try_from(d).unwrap_or(Timespec { tv_sec: i64::MAX, tv_nsec: 0 }));
+        let mut fds = [PollFd::new(&self.epoll, PollFlags::IN)];
+        match poll(&mut fds, ts.as_ref()) {
+            Ok(n) => Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl AsFd for DispatchPoll {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+}
