@@ -42,7 +42,10 @@ pub(crate) struct Parts {
     pub(crate) core: Core,
     pub(crate) dispatch: ClientDispatch,
     pub(crate) status: ClientStatus,
+    /// Duplicates for the async client's `AsyncFd`s.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) dispatch_fd: OwnedFd,
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) socket_fd: OwnedFd,
 }
 
