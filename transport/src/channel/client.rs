@@ -31,6 +31,15 @@
 //! message that is there was published after the drain, so its publication
 //! rang. No eventfd write is spent per message while the ring stays
 //! non-empty.
+//!
+//! Invariant: *not announced ⇒ the counter is above 0* (only entering
+//! "empty" drains it, and that either announces or sets the counter again).
+//! So a receiver that only looks and spins — a blocking receive, with
+//! [`ClientDispatch::peek_dispatch_spin`] and
+//! [`ClientDispatch::release_dispatch_streaming`] — costs no syscall per
+//! message: it leaves the fd readable after it took the last message, until
+//! the next [`ClientDispatch::peek_dispatch`] finds the ring empty (one
+//! spurious readiness, never a missed one).
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -158,12 +167,9 @@ pub struct ClientRequests {
 pub struct ClientDispatch {
     link: Arc<Link>,
     dispatch: Consumer,
-    /// The poll-mode announcement of the "ring empty" state.
+    /// The poll-mode announcement of the "ring empty" state. Not armed,
+    /// the eventfd's counter is never 0 (see the module docs).
     armed: Option<Announcement>,
-    /// A blocking receive withdrew the announcement to spin: messages
-    /// published meanwhile did not ring, so the counter may be 0 although
-    /// the ring holds messages (set right again on release).
-    quiet: bool,
     policy: WaitPolicy,
     /// The message last returned by `peek_dispatch`, until released.
     current: Option<(usize, usize)>,
@@ -279,7 +285,7 @@ impl ClientChannel {
         });
         let policy = WaitPolicy::default();
         let mut dispatch =
-            ClientDispatch { link: link.clone(), dispatch, armed: None, quiet: false, policy, current: None };
+            ClientDispatch { link: link.clone(), dispatch, armed: None, policy, current: None };
         dispatch.level().map_err(|_| ConnectError::Control)?;
         let requests =
             ClientRequests { link, requests, responses, response_armed: None, policy, current: None };
@@ -622,11 +628,10 @@ impl ClientDispatch {
     }
 
     /// Like [`peek_dispatch`](Self::peek_dispatch), but first spins up to
-    /// `spin` for a message, with the poller announcement withdrawn (so
-    /// the server pays no eventfd write while this side spins). Blocking
-    /// receives use it after a first look found nothing: a stream of
-    /// dispatch messages is then drained without a kernel sleep per
-    /// message. Release what it returns with
+    /// `spin` for a message (the state of the fd is left as it is while
+    /// spinning: a stream of messages costs no syscall). Blocking receives
+    /// use it: a stream of dispatch messages is then drained without a
+    /// kernel sleep per message. Release what it returns with
     /// [`release_dispatch_streaming`](Self::release_dispatch_streaming).
     ///
     /// # Errors
@@ -634,10 +639,6 @@ impl ClientDispatch {
     /// As [`peek_dispatch`](Self::peek_dispatch).
     pub fn peek_dispatch_spin(&mut self, spin: Duration) -> Result<Option<&[u8]>, ChannelError> {
         if !spin.is_zero() && !self.dispatch.has_data_uncached() {
-            if let Some(a) = self.armed.take() {
-                self.dispatch.data_wait().cancel(a);
-                self.quiet = true;
-            }
             let dispatch = &self.dispatch;
             spin_until(&mut || dispatch.has_data_uncached(), spin);
         }
@@ -732,12 +733,8 @@ impl ClientDispatch {
     /// ring is now empty the fd stops being readable.
     pub fn release_dispatch(&mut self) {
         self.release();
-        match self.ready() {
-            Ok(false) => {
-                let _ = self.enter_empty();
-            }
-            Ok(true) => self.unquiet(),
-            Err(_) => {} // the next peek reports it
+        if let Ok(false) = self.ready() {
+            let _ = self.enter_empty();
         }
     }
 
@@ -749,9 +746,6 @@ impl ClientDispatch {
     /// always leaves it readable.
     pub fn release_dispatch_streaming(&mut self) {
         self.release();
-        if self.quiet && matches!(self.ready(), Ok(true)) {
-            self.unquiet();
-        }
     }
 
     /// Frees the peeked message and wakes a server thread waiting for
@@ -760,14 +754,6 @@ impl ClientDispatch {
         self.current = None;
         if let Ok(g) = self.dispatch.try_peek() {
             let _ = g.release_notify(&self.link.dispatch_bell);
-        }
-    }
-
-    /// Sets the counter for the messages in the ring if a spin left it
-    /// possibly at 0 ("holds messages" in the module docs).
-    fn unquiet(&mut self) {
-        if std::mem::take(&mut self.quiet) {
-            self.link.dispatch_bell.eventfd().signal();
         }
     }
 
