@@ -277,6 +277,26 @@ impl AsyncClient {
 
     /// Awaits the response to wanted request `seq`.
     async fn response(&self, seq: u64) -> Result<Vec<u8>> {
+        // First a short cooperative spin: look, yield to the runtime (other
+        // tasks run meanwhile), look again, for up to the wait policy's spin
+        // budget. An answer the server gives at once is then taken without
+        // an eventfd write on the server's side and a reactor wake-up on
+        // ours (a cross-CPU wake costs 20–45 µs here; a round trip under a
+        // microsecond). The thread is never held: every look is followed by
+        // a yield.
+        let spin = self.lock().channel.wait_policy().spin;
+        if !spin.is_zero() {
+            let started = std::time::Instant::now();
+            loop {
+                if let Some(answer) = self.take_answer(seq)? {
+                    return answer;
+                }
+                if started.elapsed() >= spin {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
         let _armed = Armed::new(self);
         loop {
             let stashed = self.stashed.notified();
@@ -318,6 +338,20 @@ impl AsyncClient {
                 }
             }
         }
+    }
+
+    /// The answer to `seq` if it arrived, without waiting (answers for
+    /// other tasks found meanwhile are stashed and those tasks woken).
+    fn take_answer(&self, seq: u64) -> Result<Option<Result<Vec<u8>>>> {
+        let mut core = self.lock();
+        let taken = core.try_take(seq);
+        if std::mem::take(&mut core.stashed) {
+            self.stashed.notify_waiters();
+        }
+        Ok(taken?.map(|(status, payload)| match Error::from_status(status) {
+            None => Ok(payload),
+            Some(e) => Err(e),
+        }))
     }
 
     /// The dispatch messages, as a stream. When the connection goes away,
