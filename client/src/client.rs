@@ -632,11 +632,7 @@ impl Client {
     /// The request channel's flow-control state: `On` while the server
     /// paused reading this client's requests.
     pub fn request_flow_control(&self) -> FlowState {
-        if self.status.request_paused() {
-            FlowState::On
-        } else {
-            FlowState::Off
-        }
+        self.status.request_flow()
     }
 
     /// Whether the server is still there.

@@ -420,11 +420,7 @@ impl AsyncClient {
     /// The request flow-control state (see
     /// [`Client::request_flow_control`](crate::Client::request_flow_control)).
     pub fn request_flow_control(&self) -> FlowState {
-        if self.status.request_paused() {
-            FlowState::On
-        } else {
-            FlowState::Off
-        }
+        self.status.request_flow()
     }
 
     /// Whether the server is still there.

@@ -137,6 +137,46 @@ impl Drop for Link {
     }
 }
 
+/// The record a half last peeked, as (address, length), until it is
+/// released: lets the half hand the slice out again through `&self`.
+/// Invariant: while it holds a record, that record is published and
+/// unreleased in the ring the half consumes, inside the mapped segment the
+/// half keeps alive.
+#[derive(Debug, Default)]
+struct Peeked(Option<(usize, usize)>);
+
+impl Peeked {
+    /// Peeks the next record of `ring` and remembers it.
+    fn peek<'a>(&mut self, ring: &'a mut Consumer) -> Result<Option<&'a [u8]>, ChannelError> {
+        match ring.try_peek() {
+            Ok(g) => {
+                // SAFETY: the server follows the ring protocol and does not
+                // write a published record before we release it (the client
+                // trusts the server it connected to, for the bytes); bounds
+                // were validated by `try_peek`.
+                let s = unsafe { g.into_slice() };
+                self.0 = Some((s.as_ptr() as usize, s.len()));
+                Ok(Some(s))
+            }
+            Err(PopError::Empty) => Ok(None),
+            Err(e) => Err(pop_error(e)),
+        }
+    }
+
+    /// The record last peeked, until [`clear`](Self::clear).
+    fn get(&self) -> Option<&[u8]> {
+        // SAFETY: the type's invariant: the record at that address stays
+        // published and unreleased until `clear`, inside a segment that
+        // outlives `self`; bounds were checked when it was peeked.
+        self.0.map(|(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
+    }
+
+    /// Forgets the record (before it is released).
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// The client end of one connection: both halves and the status handle.
 /// `Send`; [`split`](Self::split) it to share it between threads.
 #[derive(Debug)]
@@ -155,10 +195,8 @@ pub struct ClientRequests {
     /// The poll-mode announcement made by `arm_response`.
     response_armed: Option<Announcement>,
     policy: WaitPolicy,
-    /// The response last returned by `peek_response`, as (address,
-    /// length), until released: lets `current_response` hand it out again
-    /// through `&self`.
-    current: Option<(usize, usize)>,
+    /// The response last returned by `peek_response`, until released.
+    current: Peeked,
 }
 
 /// The dispatch half of a client connection: reads dispatch messages in
@@ -172,7 +210,7 @@ pub struct ClientDispatch {
     armed: Option<Announcement>,
     policy: WaitPolicy,
     /// The message last returned by `peek_dispatch`, until released.
-    current: Option<(usize, usize)>,
+    current: Peeked,
 }
 
 /// An owned, shareable view of a client connection: liveness, the
@@ -285,10 +323,16 @@ impl ClientChannel {
         });
         let policy = WaitPolicy::default();
         let mut dispatch =
-            ClientDispatch { link: link.clone(), dispatch, armed: None, policy, current: None };
+            ClientDispatch { link: link.clone(), dispatch, armed: None, policy, current: Peeked::default() };
         dispatch.level().map_err(|_| ConnectError::Control)?;
-        let requests =
-            ClientRequests { link, requests, responses, response_armed: None, policy, current: None };
+        let requests = ClientRequests {
+            link,
+            requests,
+            responses,
+            response_armed: None,
+            policy,
+            current: Peeked::default(),
+        };
         Ok(Self { requests, dispatch })
     }
 
@@ -382,6 +426,15 @@ impl ClientStatus {
     /// Whether the server paused reading requests (request-side flow control).
     pub fn request_paused(&self) -> bool {
         self.link.control().request_paused()
+    }
+
+    /// Request flow control: `On` while the server paused reading requests.
+    pub fn request_flow(&self) -> FlowState {
+        if self.request_paused() {
+            FlowState::On
+        } else {
+            FlowState::Off
+        }
     }
 
     /// Dispatch flow control: `On` while the server holds dispatch
@@ -580,33 +633,18 @@ impl ClientRequests {
     ///
     /// `Corrupt` if the server corrupted the ring.
     pub fn peek_response(&mut self) -> Result<Option<&[u8]>, ChannelError> {
-        match self.responses.try_peek() {
-            Ok(g) => {
-                // SAFETY: the server follows the ring protocol and does not
-                // write a published record before we release it (the client
-                // trusts the server it connected to, for the bytes); bounds
-                // were validated by `try_peek`.
-                let s = unsafe { g.into_slice() };
-                self.current = Some((s.as_ptr() as usize, s.len()));
-                Ok(Some(s))
-            }
-            Err(PopError::Empty) => Ok(None),
-            Err(e) => Err(pop_error(e)),
-        }
+        self.current.peek(&mut self.responses)
     }
 
     /// The response last returned by [`peek_response`](Self::peek_response),
     /// until it is released.
     pub fn current_response(&self) -> Option<&[u8]> {
-        // SAFETY: the record at that address stays published and unreleased
-        // until `release_response` clears `current`; the segment lives as
-        // long as `self`; bounds were checked when it was peeked.
-        self.current.map(|(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
+        self.current.get()
     }
 
     /// Frees the response returned by [`peek_response`](Self::peek_response).
     pub fn release_response(&mut self) {
-        self.current = None;
+        self.current.clear();
         if let Ok(g) = self.responses.try_peek() {
             // A server thread may be waiting for room to answer (a deferred
             // response on a full ring): without this wake it would only see
@@ -671,23 +709,13 @@ impl ClientDispatch {
         if let Some(a) = self.armed.take() {
             self.dispatch.data_wait().cancel(a);
         }
-        match self.dispatch.try_peek() {
-            Ok(g) => {
-                // SAFETY: as in `ClientRequests::peek_response`.
-                let s = unsafe { g.into_slice() };
-                self.current = Some((s.as_ptr() as usize, s.len()));
-                Ok(Some(s))
-            }
-            Err(PopError::Empty) => Ok(None),
-            Err(e) => Err(pop_error(e)),
-        }
+        self.current.peek(&mut self.dispatch)
     }
 
     /// The dispatch message last returned by
     /// [`peek_dispatch`](Self::peek_dispatch), until it is released.
     pub fn current_dispatch(&self) -> Option<&[u8]> {
-        // SAFETY: as in `ClientRequests::current_response`.
-        self.current.map(|(p, n)| unsafe { std::slice::from_raw_parts(p as *const u8, n) })
+        self.current.get()
     }
 
     /// Whether a dispatch message is ready (skipping padding).
@@ -751,7 +779,7 @@ impl ClientDispatch {
     /// Frees the peeked message and wakes a server thread waiting for
     /// room, with one fence for both handshakes.
     fn release(&mut self) {
-        self.current = None;
+        self.current.clear();
         if let Ok(g) = self.dispatch.try_peek() {
             let _ = g.release_notify(&self.link.dispatch_bell);
         }
