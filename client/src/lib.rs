@@ -62,6 +62,7 @@ pub use client::{Client, DispatchInfo, Sizes, Ticket};
 pub use coroipc_ring::FlowState;
 pub use coroipc_transport::control::DisconnectReason;
 pub use coroipc_transport::message::Status;
+pub use coroipc_transport::socket::PeerCred;
 pub use coroipc_transport::waiter::{SleepMode, WaitPolicy};
 pub use error::{Error, Result};
 pub use guards::{DispatchGuard, ResponseGuard};
