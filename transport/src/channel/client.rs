@@ -32,14 +32,17 @@
 //! rang. No eventfd write is spent per message while the ring stays
 //! non-empty.
 //!
-//! Invariant: *not announced ⇒ the counter is above 0* (only entering
-//! "empty" drains it, and that either announces or sets the counter again).
-//! So a receiver that only looks and spins — a blocking receive, with
-//! [`ClientDispatch::peek_dispatch_spin`] and
-//! [`ClientDispatch::release_dispatch_streaming`] — costs no syscall per
-//! message: it leaves the fd readable after it took the last message, until
-//! the next [`ClientDispatch::peek_dispatch`] finds the ring empty (one
-//! spurious readiness, never a missed one).
+//! Invariant: *not announced and not quiet ⇒ the counter is above 0* (only
+//! entering "empty" drains it, and that either announces or sets the
+//! counter again). A blocking receive
+//! ([`ClientDispatch::peek_dispatch_spin`]) withdraws the announcement while
+//! it spins, so that the server pays no eventfd write meanwhile; the half
+//! is then *quiet* (a message published during the spin did not ring) and
+//! the release sets the counter once if messages remain. Released with
+//! [`ClientDispatch::release_dispatch_streaming`], the last message of a
+//! stream leaves the fd as it was — readable — until the next
+//! [`ClientDispatch::peek_dispatch`] finds the ring empty: one spurious
+//! readiness, never a missed one, and no syscall per message.
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -60,7 +63,7 @@ use crate::eventfd::EventFd;
 use crate::handshake::{Accepted, ClientHello, RingSizes, ServerReply, Span, REPLY_LEN};
 use crate::segment::Segment;
 use crate::socket::{Endpoint, PeerCred, Stream};
-use crate::waiter::{spin_until, wait_until, Liveness, WaitPolicy};
+use crate::waiter::{spin_backoff_until, wait_until, Liveness, WaitPolicy};
 
 /// What the parts of a client connection share: the socket, the segment
 /// with the control block, the three bells. Closes the client side when
@@ -205,9 +208,13 @@ pub struct ClientRequests {
 pub struct ClientDispatch {
     link: Arc<Link>,
     dispatch: Consumer,
-    /// The poll-mode announcement of the "ring empty" state. Not armed,
-    /// the eventfd's counter is never 0 (see the module docs).
+    /// The poll-mode announcement of the "ring empty" state. Neither armed
+    /// nor quiet, the eventfd's counter is never 0 (see the module docs).
     armed: Option<Announcement>,
+    /// A blocking receive withdrew the announcement to spin: messages
+    /// published meanwhile did not ring, so the counter may be 0 although
+    /// the ring holds messages (set right again on release).
+    quiet: bool,
     policy: WaitPolicy,
     /// The message last returned by `peek_dispatch`, until released.
     current: Peeked,
@@ -322,8 +329,14 @@ impl ClientChannel {
             segment,
         });
         let policy = WaitPolicy::default();
-        let mut dispatch =
-            ClientDispatch { link: link.clone(), dispatch, armed: None, policy, current: Peeked::default() };
+        let mut dispatch = ClientDispatch {
+            link: link.clone(),
+            dispatch,
+            armed: None,
+            quiet: false,
+            policy,
+            current: Peeked::default(),
+        };
         dispatch.level().map_err(|_| ConnectError::Control)?;
         let requests = ClientRequests {
             link,
@@ -666,19 +679,24 @@ impl ClientDispatch {
     }
 
     /// Like [`peek_dispatch`](Self::peek_dispatch), but first spins up to
-    /// `spin` for a message (the state of the fd is left as it is while
-    /// spinning: a stream of messages costs no syscall). Blocking receives
-    /// use it: a stream of dispatch messages is then drained without a
-    /// kernel sleep per message. Release what it returns with
-    /// [`release_dispatch_streaming`](Self::release_dispatch_streaming).
+    /// `spin` for a message, with the poller announcement withdrawn (so the
+    /// server pays no eventfd write while this side spins) and looking at
+    /// the producer's position with a backoff. Blocking receives use it
+    /// after a first look found nothing: a stream of dispatch messages is
+    /// then drained without a kernel sleep per message. Release what it
+    /// returns with [`release_dispatch_streaming`](Self::release_dispatch_streaming).
     ///
     /// # Errors
     ///
     /// As [`peek_dispatch`](Self::peek_dispatch).
     pub fn peek_dispatch_spin(&mut self, spin: Duration) -> Result<Option<&[u8]>, ChannelError> {
         if !spin.is_zero() && !self.dispatch.has_data_uncached() {
+            if let Some(a) = self.armed.take() {
+                self.dispatch.data_wait().cancel(a);
+                self.quiet = true;
+            }
             let dispatch = &self.dispatch;
-            spin_until(&mut || dispatch.has_data_uncached(), spin);
+            spin_backoff_until(&mut || dispatch.has_data_uncached(), spin, backoff_first());
         }
         self.peek_dispatch()
     }
@@ -736,6 +754,7 @@ impl ClientDispatch {
         }
         let a = self.dispatch.data_wait().announce_poll();
         self.link.dispatch_bell.drain();
+        self.quiet = false;
         if self.ready()? {
             self.dispatch.data_wait().cancel(a);
             self.link.dispatch_bell.eventfd().signal();
@@ -761,8 +780,12 @@ impl ClientDispatch {
     /// ring is now empty the fd stops being readable.
     pub fn release_dispatch(&mut self) {
         self.release();
-        if let Ok(false) = self.ready() {
-            let _ = self.enter_empty();
+        match self.ready() {
+            Ok(false) => {
+                let _ = self.enter_empty();
+            }
+            Ok(true) => self.unquiet(),
+            Err(_) => {} // the next peek reports it
         }
     }
 
@@ -774,6 +797,17 @@ impl ClientDispatch {
     /// always leaves it readable.
     pub fn release_dispatch_streaming(&mut self) {
         self.release();
+        if self.quiet && matches!(self.ready(), Ok(true)) {
+            self.unquiet();
+        }
+    }
+
+    /// Sets the counter for the messages in the ring if a spin left it
+    /// possibly at 0 (the "quiet" state of the module docs).
+    fn unquiet(&mut self) {
+        if std::mem::take(&mut self.quiet) {
+            self.link.dispatch_bell.eventfd().signal();
+        }
     }
 
     /// Frees the peeked message and wakes a server thread waiting for
@@ -866,4 +900,11 @@ impl AsFd for DispatchPoll {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.epoll.as_fd()
     }
+}
+
+/// The first backoff of a caught-up dispatch receiver, in `spin_loop`
+/// hints (`COROIPC_BACKOFF` overrides it, for tuning with the benchmark).
+fn backoff_first() -> u32 {
+    static FIRST: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *FIRST.get_or_init(|| std::env::var("COROIPC_BACKOFF").ok().and_then(|v| v.parse().ok()).unwrap_or(16))
 }
