@@ -2,8 +2,9 @@
 # Links the coroipc-capi static library into the two drop-in shared
 # libraries of corosync 1.4's coroipc:
 #
-#   capi/link.sh [PROFILE_DIR [OUT_DIR]]
-#       PROFILE_DIR  where cargo put libcoroipc_capi.a (default target/release)
+#   capi/link.sh [PROFILE_DIR|ARCHIVE [OUT_DIR]]
+#       PROFILE_DIR  where cargo put libcoroipc_capi.a (default target/release),
+#                    or ARCHIVE: the .a itself (the tests pass target/debug/deps/…)
 #       OUT_DIR      where the libraries go (default PROFILE_DIR/capi)
 #
 # Output: OUT_DIR/libcoroipcs.so.4 (SONAME libcoroipcs.so.4, unversioned, as
@@ -20,7 +21,12 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 profile=${1:-$here/../target/release}
 out=${2:-$profile/capi}
-archive=$profile/libcoroipc_capi.a
+if [ -f "$profile" ]; then
+  archive=$profile
+  out=${2:-$(dirname "$profile")/capi}
+else
+  archive=$profile/libcoroipc_capi.a
+fi
 [ -f "$archive" ] || { echo "capi/link.sh: no $archive (run cargo build -p coroipc-capi first)" >&2; exit 2; }
 mkdir -p "$out"
 tmp=$(mktemp -d)

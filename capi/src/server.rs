@@ -14,8 +14,8 @@
 //!
 //! | when | calls |
 //! |---|---|
-//! | a client connects | `security_valid` (errno `EMFILE` → "no resources", else "security") |
-//! | its hello names a service | `service_available`, `init_fn_get`, `private_data_size_get`, `malloc` (zeroed), `init_fn(conn)`, `stats_create_connection`, `stats_update_value("service_id")` |
+//! | a client's hello arrives | `service_available`, `init_fn_get` (either says no: "not exist"), `security_valid` (errno `EMFILE` → "no resources", else "security") |
+//! | the connection is set up | `service_available`, `init_fn_get` again, `private_data_size_get`, `malloc` (zeroed), `init_fn(conn)`, `stats_create_connection`, `stats_update_value("service_id")` |
 //! | each request | `sending_allowed` → the handler (`handler_fn_get`) or a synthesized `{24, 0, CS_ERR_TRY_AGAIN / CS_ERR_INVALID_PARAM}` answer → `sending_allowed_release`; `stats_increment_value` |
 //! | the connection goes | `exit_fn(conn)`, again every 10 ms while it returns −1; `stats_destroy_connection` |
 //!
@@ -60,8 +60,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use coroipc_server::{
-    Call, Connection, Disconnect, Handler, Limits, OutboundLimits, OverflowPolicy, Refusal, Responder, Server,
-    ServerHandle, ServiceBuilder,
+    Call, Connection, Disconnect, Handler, Limits, OutboundLimits, OverflowPolicy, Refusal, Responder,
+    Server, ServerHandle, ServiceBuilder,
 };
 
 use crate::ffi::{self, AlignedBuf, ResponseHeader, CS_ERR_INVALID_PARAM, CS_ERR_TRY_AGAIN};
@@ -89,8 +89,14 @@ pub struct InitStateV2 {
     pub security_valid: Option<unsafe extern "C" fn(libc::c_int, libc::c_int) -> libc::c_int>,
     pub serialize_lock: Option<unsafe extern "C" fn()>,
     pub serialize_unlock: Option<unsafe extern "C" fn()>,
-    pub sending_allowed:
-        Option<unsafe extern "C" fn(libc::c_uint, libc::c_uint, *const libc::c_void, *mut libc::c_void) -> libc::c_int>,
+    pub sending_allowed: Option<
+        unsafe extern "C" fn(
+            libc::c_uint,
+            libc::c_uint,
+            *const libc::c_void,
+            *mut libc::c_void,
+        ) -> libc::c_int,
+    >,
     pub sending_allowed_release: Option<unsafe extern "C" fn(*mut libc::c_void)>,
     pub poll_accept_add: Option<unsafe extern "C" fn(libc::c_int)>,
     pub poll_dispatch_add: Option<unsafe extern "C" fn(libc::c_int, *mut libc::c_void)>,
@@ -100,9 +106,11 @@ pub struct InitStateV2 {
     pub init_fn_get: Option<unsafe extern "C" fn(libc::c_uint) -> Option<InitFn>>,
     pub exit_fn_get: Option<unsafe extern "C" fn(libc::c_uint) -> Option<ExitFn>>,
     pub handler_fn_get: Option<unsafe extern "C" fn(libc::c_uint, libc::c_uint) -> Option<HandlerFn>>,
-    pub stats_create_connection: Option<unsafe extern "C" fn(*const libc::c_char, libc::pid_t, libc::c_int) -> u64>,
+    pub stats_create_connection:
+        Option<unsafe extern "C" fn(*const libc::c_char, libc::pid_t, libc::c_int) -> u64>,
     pub stats_destroy_connection: Option<unsafe extern "C" fn(u64)>,
-    pub stats_update_value: Option<unsafe extern "C" fn(u64, *const libc::c_char, *const libc::c_void, libc::size_t)>,
+    pub stats_update_value:
+        Option<unsafe extern "C" fn(u64, *const libc::c_char, *const libc::c_void, libc::size_t)>,
     pub stats_increment_value: Option<unsafe extern "C" fn(u64, *const libc::c_char)>,
     pub log_printf: Option<
         unsafe extern "C" fn(
@@ -178,7 +186,9 @@ impl Exec {
         let rec = (recid << 10) | (((self.cb.log_subsys_id as u32) & 0x7f) << 3) | (level as u32 & 7);
         // SAFETY: the executive's printf-like logger with a "%s" format
         // and one NUL-terminated argument.
-        unsafe { f(rec, c"coroipcs".as_ptr(), c"capi/src/server.rs".as_ptr(), 0, c"%s".as_ptr(), msg.as_ptr()) };
+        unsafe {
+            f(rec, c"coroipcs".as_ptr(), c"capi/src/server.rs".as_ptr(), 0, c"%s".as_ptr(), msg.as_ptr())
+        };
     }
 }
 
@@ -283,12 +293,16 @@ fn connect(exec: &'static Exec, service: u16, conn: &Connection) -> Result<ConnP
     let _big = exec.big_lock();
     // SAFETY (each call below): the executive's callbacks, called as its
     // init state documents, under serialize_lock.
+    // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
     let available = cb.service_available.is_none_or(|f| unsafe { f(s) } != 0);
+    // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
     let init = cb.init_fn_get.and_then(|f| unsafe { f(s) });
     let Some(init) = init.filter(|_| available) else { return Err(Refusal::NoSuchService) };
+    // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
     let size = cb.private_data_size_get.map_or(0, |f| unsafe { f(s) }).max(0) as usize;
     let private = match cb.malloc {
         Some(malloc) => {
+            // SAFETY: the executive's malloc.
             let p = unsafe { malloc(size.max(1)) };
             if p.is_null() {
                 return Err(Refusal::NoMemory);
@@ -306,16 +320,20 @@ fn connect(exec: &'static Exec, service: u16, conn: &Connection) -> Result<ConnP
             let mut buf = [0 as libc::c_char; 16];
             let short = exec
                 .short_name
+                // SAFETY: corosync's short_service_name_get, with a buffer of buf.len() bytes.
                 .map(|f| unsafe { f(u32::from(service), buf.as_mut_ptr(), buf.len()) })
                 .filter(|p| !p.is_null())
+                // SAFETY: it returned a NUL-terminated string (its buffer or a static one).
                 .map(|p| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
                 .unwrap_or_else(|| service.to_string());
             let pname = proc_name(pid).unwrap_or_else(|| "proc".into());
             let name = CString::new(format!("{pname}:{short}:{pid}:{id}").replace('\0', " "))
                 .unwrap_or_else(|_| c"proc".into());
+            // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock. `name` is NUL-terminated.
             let h = unsafe { create(name.as_ptr(), pid, id) };
             if let Some(update) = cb.stats_update_value {
                 let sid = u32::from(service);
+                // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock. `sid` is the 4-byte value named.
                 unsafe { update(h, c"service_id".as_ptr(), (&raw const sid).cast(), 4) };
             }
             h
@@ -333,6 +351,7 @@ fn connect(exec: &'static Exec, service: u16, conn: &Connection) -> Result<ConnP
     });
     *lock(&exec.live).entry(service).or_insert(0) += 1;
     let ptr = Box::into_raw(info);
+    // SAFETY: the service's lib_init_fn with the new, live block, under serialize_lock.
     unsafe { init(ptr.cast()) };
     Ok(ConnPtr(ptr))
 }
@@ -360,7 +379,9 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
     let info = unsafe { &*ptr };
     let header = ffi::RequestHeader::read(payload);
     let valid = header.is_some_and(|h| {
-        h.size >= ffi::REQUEST_HEADER_LEN as i32 && h.size as usize <= payload.len() && h.id == i32::from(command)
+        h.size >= ffi::REQUEST_HEADER_LEN as i32
+            && h.size as usize <= payload.len()
+            && h.id == i32::from(command)
     });
     if !valid {
         exec.stats_increment(info.stats, c"invalid_request");
@@ -386,9 +407,12 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
     // serialize_lock; `msg` holds the whole request (8-byte aligned,
     // `header.size` checked), valid until this function returns; `pd` is
     // 512 bytes of per-connection scratch.
+    // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock. `msg` holds the whole checked request, `pd` 512 bytes of scratch.
     let verdict = cb.sending_allowed.map_or(1, |f| unsafe { f(s, id, msg, pd) });
     match verdict {
+        // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
         1 => match cb.handler_fn_get.and_then(|f| unsafe { f(s, id) }) {
+            // SAFETY: the service's handler with a live conn and the request, valid until we return.
             Some(handler) => unsafe { handler(ptr.cast(), msg) },
             None => {
                 exec.stats_increment(info.stats, c"invalid_request");
@@ -405,6 +429,7 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
         }
     }
     if let Some(f) = cb.sending_allowed_release {
+        // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
         unsafe { f(pd) };
     }
 }
@@ -417,11 +442,14 @@ fn disconnect(exec: &'static Exec, service: u16, state: &mut ConnPtr) -> Disconn
         // service, with the block it was given at init, under the lock.
         let exit = exec.cb.exit_fn_get.and_then(|f| unsafe { f(libc::c_uint::from(service)) });
         if let Some(exit) = exit {
+            // SAFETY: the service's lib_exit_fn with the block it was given at init, under the lock.
             if unsafe { exit(state.0.cast()) } == -1 {
                 return Disconnect::RetryLater;
             }
         }
-        if let (Some(destroy), true) = (exec.cb.stats_destroy_connection, exec.cb.stats_create_connection.is_some()) {
+        if let (Some(destroy), true) =
+            (exec.cb.stats_destroy_connection, exec.cb.stats_create_connection.is_some())
+        {
             // SAFETY: the handle its create returned, destroyed once.
             unsafe { destroy(info.stats) };
         }
@@ -489,9 +517,16 @@ fn init(cb: InitStateV2) {
         .limits(limits)
         .memory_budget(8 << 30, 8 << 30)
         .response_timeout(Duration::ZERO)
-        .auth(move |creds, _service| {
-            let Some(valid) = exec.cb.security_valid else { return Ok(()) };
+        .auth(move |creds, service| {
             let _big = exec.big_lock();
+            let s = libc::c_uint::from(service);
+            // SAFETY: the executive's callbacks, under serialize_lock.
+            let available = exec.cb.service_available.is_none_or(|f| unsafe { f(s) } != 0)
+                && exec.cb.init_fn_get.and_then(|f| unsafe { f(s) }).is_some();
+            if !available {
+                return Err(Refusal::NoSuchService);
+            }
+            let Some(valid) = exec.cb.security_valid else { return Ok(()) };
             // SAFETY: clearing errno, then the executive's check, which
             // reports its reason in errno.
             let (ok, errno) = unsafe {
@@ -518,7 +553,9 @@ fn init(cb: InitStateV2) {
     let spawned = std::thread::Builder::new().name("coroipcs".into()).spawn(move || {
         if policy != 0 && param != 0 {
             // SAFETY: the executive's sched_param, for this thread.
-            unsafe { libc::pthread_setschedparam(libc::pthread_self(), policy, param as *const libc::sched_param) };
+            unsafe {
+                libc::pthread_setschedparam(libc::pthread_self(), policy, param as *const libc::sched_param)
+            };
         }
         if let Err(e) = server.run() {
             exec.log(libc::LOG_ERR, &format!("coroipcs: event loop failed: {e}"));
@@ -583,7 +620,11 @@ pub unsafe extern "C" fn coroipcs_ipc_init(init_state: *mut libc::c_void) {
 /// Unused: this library never registers descriptors with the executive's
 /// poll loop. Returns 0.
 #[no_mangle]
-pub extern "C" fn coroipcs_handler_accept(_fd: libc::c_int, _revent: libc::c_int, _data: *mut libc::c_void) -> libc::c_int {
+pub extern "C" fn coroipcs_handler_accept(
+    _fd: libc::c_int,
+    _revent: libc::c_int,
+    _data: *mut libc::c_void,
+) -> libc::c_int {
     0
 }
 
@@ -631,7 +672,9 @@ pub unsafe extern "C" fn coroipcs_response_send(
             return -1;
         }
         // SAFETY: readable, as the caller promises (empty for len 0).
-        let bytes = if mlen == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), mlen) } };
+        let bytes =
+            // SAFETY: readable for mlen bytes, as the caller promises.
+            if mlen == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), mlen) } };
         // SAFETY: a live block, as the caller promises.
         answer(unsafe { &*conn.cast::<ConnInfo>() }, &[IoSlice::new(bytes)])
     })
@@ -698,7 +741,9 @@ pub unsafe extern "C" fn coroipcs_dispatch_send(
             return -1;
         }
         // SAFETY: readable, as the caller promises (empty for len 0).
-        let bytes = if mlen == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), mlen) } };
+        let bytes =
+            // SAFETY: readable for mlen bytes, as the caller promises.
+            if mlen == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), mlen) } };
         dispatch(conn, &[IoSlice::new(bytes)])
     })
 }
@@ -798,7 +843,8 @@ pub struct ListHead {
 
 /// The original's connection list (exported, unused by corosync; empty).
 #[no_mangle]
-pub static mut conn_info_list_head: ListHead = ListHead { next: std::ptr::null_mut(), prev: std::ptr::null_mut() };
+pub static mut conn_info_list_head: ListHead =
+    ListHead { next: std::ptr::null_mut(), prev: std::ptr::null_mut() };
 
 /// The original's exit list (exported, unused by corosync; empty).
 #[no_mangle]
