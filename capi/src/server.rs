@@ -38,12 +38,18 @@
 //!
 //! ## Requests
 //!
-//! A request reaches the handler in server-private memory, 8-byte
-//! aligned, as the client built it (`coroipc_request_header_t` first). A
-//! request shorter than its header, whose `header.size` is below 16 or
-//! above the bytes received, or whose `header.id` differs from the
-//! command it was sent as, is answered `CS_ERR_INVALID_PARAM` without
-//! calling into the executive. The request id is not range-checked
+//! A request reaches the handler in server-private memory: the
+//! connection's request area (16-byte aligned, as large as the
+//! connection's largest message), holding the request as the client built
+//! it (`coroipc_request_header_t` first). A request shorter than its
+//! header, whose `header.size` is below 16 or above the area, or whose
+//! `header.id` differs from the command it was sent as, is answered
+//! `CS_ERR_INVALID_PARAM` without calling into the executive. A request
+//! whose `header.size` is larger than the bytes sent reads the rest from
+//! the area, i.e. from this client's previous requests, as the original's
+//! reused shared request buffer did (libcpg's `cpg_membership_get` sends
+//! 16 bytes of a 144-byte request and relies on it); the handler never
+//! reads past the area and never sees another client's bytes. The request id is not range-checked
 //! against the service's handler table: the ABI gives no way to learn its
 //! length (`sending_allowed` and `handler_fn_get` index it), so a hostile
 //! client of corosync can still make the executive read past it.
@@ -235,8 +241,9 @@ struct ConnInfo {
     pending: Mutex<VecDeque<Responder>>,
     /// The executive's stats object (0 without stats callbacks).
     stats: u64,
-    /// Copies of requests whose private buffer is not 8-byte aligned, and
-    /// `sending_allowed`'s 512-byte scratch. Event-loop thread only.
+    /// The request area handlers read (16-byte aligned, the connection's
+    /// largest payload), and `sending_allowed`'s 512-byte scratch.
+    /// Event-loop thread only.
     scratch: Mutex<(AlignedBuf, AlignedBuf)>,
 }
 
@@ -378,10 +385,10 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
     // callback, so the library's reference is still held.
     let info = unsafe { &*ptr };
     let header = ffi::RequestHeader::read(payload);
+    let mut scratch = lock(&info.scratch);
+    let (area, pd) = &mut *scratch;
     let valid = header.is_some_and(|h| {
-        h.size >= ffi::REQUEST_HEADER_LEN as i32
-            && h.size as usize <= payload.len()
-            && h.id == i32::from(command)
+        h.size >= ffi::REQUEST_HEADER_LEN as i32 && h.size as usize <= area.len() && h.id == i32::from(command)
     });
     if !valid {
         exec.stats_increment(info.stats, c"invalid_request");
@@ -389,14 +396,14 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
         return;
     }
     let id = libc::c_uint::from(command);
-    let mut scratch = lock(&info.scratch);
-    let (copy, pd) = &mut *scratch;
-    let msg: *const libc::c_void = if payload.as_ptr() as usize % 8 == 0 {
-        payload.as_ptr().cast()
-    } else {
-        copy.bytes_mut()[..payload.len()].copy_from_slice(payload);
-        copy.as_mut_ptr()
-    };
+    // The connection's request area, as the original's: this request over
+    // what is left of the previous ones. A request whose header.size is
+    // larger than what was sent (libcpg's cpg_membership_get sends 16 of
+    // its 144 bytes) reads the rest from there, as it did from the
+    // original's reused shared request buffer; here that memory is
+    // private, and only this client's own earlier bytes.
+    area.bytes_mut()[..payload.len()].copy_from_slice(payload);
+    let msg: *const libc::c_void = area.as_mut_ptr();
     let pd = pd.as_mut_ptr();
     lock(&info.pending).push_back(call.defer());
     let cb = &exec.cb;

@@ -188,11 +188,24 @@ static int run_all(void)
 	e = coroipcc_msg_send_reply_receive(h, iov, 1, &res, sizeof(res));
 	CHECK("request_shorter_than_header_is_invalid_param", e == CS_ERR_INVALID_PARAM, "got %d", e);
 	{
-		coroipc_request_header_t lie = { .size = 4096, .id = 0 };
+		/* header.size larger than what was sent: the rest comes from this
+		 * connection's previous request (the original's reused request
+		 * area; libcpg's cpg_membership_get relies on it) ... */
+		struct { coroipc_request_header_t h; char p[8]; } prev = { { sizeof(coroipc_request_header_t) + 8, 0 }, "earlier" };
+		coroipc_request_header_t lie = { .size = sizeof(prev), .id = 0 };
+		char out[64];
+		iov[0].iov_base = &prev; iov[0].iov_len = sizeof(prev);
+		coroipcc_msg_send_reply_receive(h, iov, 1, out, sizeof(out));
 		iov[0].iov_base = &lie; iov[0].iov_len = sizeof(lie);
+		memset(out, 0, sizeof(out));
+		e = coroipcc_msg_send_reply_receive(h, iov, 1, out, sizeof(out));
+		CHECK("short_request_is_completed_from_the_previous_one", e == CS_OK &&
+		      strcmp(out + sizeof(coroipc_response_header_t), "earlier") == 0, "e=%d", e);
+		/* ... but never beyond the connection's request area. */
+		lie.size = 64 << 20;
 		memset(&res, 0, sizeof(res));
 		e = coroipcc_msg_send_reply_receive(h, iov, 1, &res, sizeof(res));
-		CHECK("header_size_beyond_bytes_sent_is_refused_by_the_server",
+		CHECK("header_size_beyond_the_request_area_is_refused_by_the_server",
 		      e == CS_OK && res.error == CS_ERR_INVALID_PARAM, "e=%d error=%d", e, res.error);
 	}
 
