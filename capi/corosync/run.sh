@@ -23,6 +23,19 @@ if [ ! -f "$tarball" ]; then
   exit 0
 fi
 build=${COROSYNC_BUILD_DIR:-$root/target/corosync}
+if [ "$(id -u)" != 0 ]; then
+  echo "corosync integration: SKIPPED: needs root (unshare -n, corosync's mlockall)"
+  exit 0
+fi
+need=()
+for t in ip:iproute2 unshare:util-linux objcopy:binutils stdbuf:coreutils cc:gcc; do
+  command -v "${t%%:*}" >/dev/null || need+=("${t##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "corosync integration: installing ${need[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 "$root/capi/corosync/build.sh" "$tarball"
 
 if [ "$mode" = ours ]; then
