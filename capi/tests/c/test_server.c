@@ -14,6 +14,7 @@
  *   6  busy exit: this connection's exit_fn returns -1 three times first
  *   7  deny: the next connect is refused by security_valid (errno = payload int)
  *   8  dispatch from the main thread, under serialize_lock ({count, size})
+ *   9  rr64: answers 64 bytes (header + the request's bytes 16..56)
  *
  * Service 2 is not available; service 3 has no init function.
  *
@@ -367,10 +368,27 @@ static void main_thread_work(void)
 	coroipcs_refcount_dec(conn);
 }
 
+static void h_rr64(void *conn, const void *msg)
+{
+	char out[64];
+	coroipc_response_header_t *res = (void *)out;
+	const coroipc_request_header_t *req = msg;
+	size_t n = req->size > (int)sizeof(*req) ? (size_t)req->size - sizeof(*req) : 0;
+	if (n > sizeof(out) - sizeof(*res))
+		n = sizeof(out) - sizeof(*res);
+	memset(out, 0, sizeof(out));
+	memcpy(out + sizeof(*res), (const char *)msg + sizeof(*req), n);
+	res->size = sizeof(out);
+	res->id = 109;
+	res->error = CS_OK;
+	coroipcs_response_send(conn, out, sizeof(out));
+}
+
 static coroipcs_handler_fn_lvalue handler_fn_get(unsigned int service, unsigned int id)
 {
 	static coroipcs_handler_fn_lvalue table[] = {
 		h_echo, h_deferred, h_dispatch, h_echo, h_echo, h_counters, h_busy_exit, h_deny, h_main_dispatch,
+		h_rr64,
 	};
 	(void)service;
 	if (id >= sizeof(table) / sizeof(table[0]))
