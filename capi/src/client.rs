@@ -50,9 +50,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-use coroipc_client::{Client, DisconnectReason, Error};
+use coroipc_client::{Client, DisconnectReason, Error, SleepMode, WaitPolicy};
 use coroipc_transport::message::HEADER_LEN;
-use rustix::event::{epoll, eventfd, EventfdFlags};
+use rustix::event::{epoll, eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::ffi::{
     self, guard, AlignedBuf, CsError, RequestHeader, ResponseHeader, CS_ERR_BAD_HANDLE, CS_ERR_INVALID_PARAM,
@@ -97,6 +97,12 @@ struct DispState {
     /// A message received ahead (see the module docs), and its length.
     ahead: AlignedBuf,
     ahead_len: Option<usize>,
+    /// Whether `ahead_fd` is set (it is while `ahead_len` is `Some`, and
+    /// until the next look-ahead finds nothing).
+    signalled: bool,
+    /// Whether the last receive found the ring empty, which armed the
+    /// client's dispatch fd.
+    armed: bool,
 }
 
 /// The references a `_get` holds until its `_put`.
@@ -180,7 +186,11 @@ pub unsafe extern "C" fn coroipcc_service_connect(
             return CS_ERR_INVALID_PARAM;
         };
         let Ok(max_message) = u32::try_from(max_message) else { return CS_ERR_INVALID_PARAM };
-        let client = match Client::builder(&format!("@{name}"), service).max_message(max_message).connect() {
+        let mut builder = Client::builder(&format!("@{name}"), service).max_message(max_message);
+        if let Some(spin) = ffi::spin_from_env() {
+            builder = builder.wait_policy(WaitPolicy { spin, sleep: SleepMode::Futex });
+        }
+        let client = match builder.connect() {
             Ok(c) => c,
             Err(e) => return connect_error(&e),
         };
@@ -204,6 +214,8 @@ pub unsafe extern "C" fn coroipcc_service_connect(
                 current_out: false,
                 ahead: AlignedBuf::zeroed(max_payload),
                 ahead_len: None,
+                signalled: false,
+                armed: false,
             }),
             poll_fd,
             ahead_fd,
@@ -277,21 +289,44 @@ impl Handle {
     /// (the descriptor then stays readable through `ahead_fd`); otherwise
     /// the client's dispatch fd is armed and `ahead_fd` cleared.
     fn look_ahead(&self, d: &mut DispState) {
-        if d.ahead_len.is_some() {
+        if d.ahead_len.is_some() || self.known_empty(d) {
             return;
         }
         match self.client.try_recv_dispatch(d.ahead.bytes_mut()) {
             Ok(info) => {
                 d.ahead_len = Some(info.len);
-                let _ = rustix::io::write(&self.ahead_fd, &1u64.to_ne_bytes());
+                d.armed = false;
+                if !d.signalled {
+                    let _ = rustix::io::write(&self.ahead_fd, &1u64.to_ne_bytes());
+                    d.signalled = true;
+                }
             }
-            Err(_) => self.clear_ahead_fd(),
+            Err(e) => {
+                d.armed = matches!(e, Error::TryAgain);
+                self.clear_ahead_fd(d);
+            }
         }
     }
 
-    fn clear_ahead_fd(&self) {
-        let mut b = [0u8; 8];
-        let _ = rustix::io::read(&self.ahead_fd, &mut b);
+    /// Whether the ring is known to be empty without asking the client:
+    /// its dispatch fd was armed by the last empty receive and is still
+    /// not readable (an arrival, or the server going, would make it so).
+    /// One `poll(2)` instead of the receive's disarm, liveness check and
+    /// re-arm.
+    fn known_empty(&self, d: &DispState) -> bool {
+        if !d.armed {
+            return false;
+        }
+        let mut fds = [PollFd::new(&self.client, PollFlags::IN)];
+        matches!(poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0))
+    }
+
+    fn clear_ahead_fd(&self, d: &mut DispState) {
+        if d.signalled {
+            let mut b = [0u8; 8];
+            let _ = rustix::io::read(&self.ahead_fd, &mut b);
+            d.signalled = false;
+        }
     }
 
     /// The `cs_error_t` of a failed dispatch receive.
@@ -350,17 +385,22 @@ pub unsafe extern "C" fn coroipcc_dispatch_get(
         if d.ahead_len.take().is_some() {
             std::mem::swap(&mut d.current, &mut d.ahead);
         } else {
+            if timeout == 0 && h.known_empty(d) {
+                return CS_ERR_TRY_AGAIN;
+            }
             let got = match timeout {
                 0 => h.client.try_recv_dispatch(d.current.bytes_mut()),
                 t if t < 0 => h.client.recv_dispatch(d.current.bytes_mut(), None),
                 t => h.client.recv_dispatch(d.current.bytes_mut(), Some(Duration::from_millis(t as u64))),
             };
             if let Err(e) = got {
-                if matches!(e, Error::TryAgain | Error::Timeout) {
-                    h.clear_ahead_fd();
+                d.armed = matches!(e, Error::TryAgain | Error::Timeout);
+                if d.armed {
+                    h.clear_ahead_fd(d);
                 }
                 return Handle::dispatch_error(&e);
             }
+            d.armed = false;
         }
         d.current_out = true;
         // SAFETY: checked non-null; the caller promises it writable.

@@ -185,3 +185,15 @@ impl AlignedBuf {
 pub fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(on_panic)
 }
+
+/// The spin budget set with the environment variable `COROIPC_SPIN_US`
+/// (microseconds), read once: how long a blocked client call spins before
+/// it sleeps, and how long the server's loop polls busy connections
+/// before it sleeps in `epoll_wait`. Unset: the libraries' defaults.
+pub fn spin_from_env() -> Option<std::time::Duration> {
+    static SPIN: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us: u64 = std::env::var("COROIPC_SPIN_US").ok()?.trim().parse().ok()?;
+        Some(std::time::Duration::from_micros(us))
+    })
+}

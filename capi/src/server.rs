@@ -72,6 +72,10 @@ use coroipc_server::{
 
 use crate::ffi::{self, AlignedBuf, ResponseHeader, CS_ERR_INVALID_PARAM, CS_ERR_TRY_AGAIN};
 
+/// How long the event loop polls busy connections before it sleeps
+/// (`COROIPC_SPIN_US` overrides).
+const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+
 /// Service ids offered (corosync's `SERVICE_HANDLER_MAXIMUM_COUNT`).
 pub const MAX_SERVICES: u16 = 64;
 
@@ -388,7 +392,9 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
     let mut scratch = lock(&info.scratch);
     let (area, pd) = &mut *scratch;
     let valid = header.is_some_and(|h| {
-        h.size >= ffi::REQUEST_HEADER_LEN as i32 && h.size as usize <= area.len() && h.id == i32::from(command)
+        h.size >= ffi::REQUEST_HEADER_LEN as i32
+            && h.size as usize <= area.len()
+            && h.id == i32::from(command)
     });
     if !valid {
         exec.stats_increment(info.stats, c"invalid_request");
@@ -524,6 +530,7 @@ fn init(cb: InitStateV2) {
         .limits(limits)
         .memory_budget(8 << 30, 8 << 30)
         .response_timeout(Duration::ZERO)
+        .spin(ffi::spin_from_env().unwrap_or(DEFAULT_SPIN))
         .auth(move |creds, service| {
             let _big = exec.big_lock();
             let s = libc::c_uint::from(service);
