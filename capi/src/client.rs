@@ -186,10 +186,11 @@ pub unsafe extern "C" fn coroipcc_service_connect(
             return CS_ERR_INVALID_PARAM;
         };
         let Ok(max_message) = u32::try_from(max_message) else { return CS_ERR_INVALID_PARAM };
-        let mut builder = Client::builder(&format!("@{name}"), service).max_message(max_message);
-        if let Some(spin) = ffi::spin_from_env() {
-            builder = builder.wait_policy(WaitPolicy { spin, sleep: SleepMode::Futex });
-        }
+        let builder = Client::builder(&format!("@{name}"), service).max_message(max_message);
+        // No spinning unless asked for (`COROIPC_SPIN_US`): see
+        // `server::DEFAULT_SPIN`.
+        let spin = ffi::spin_from_env().unwrap_or(crate::server::DEFAULT_SPIN);
+        let builder = builder.wait_policy(WaitPolicy { spin, sleep: SleepMode::Futex });
         let client = match builder.connect() {
             Ok(c) => c,
             Err(e) => return connect_error(&e),

@@ -73,8 +73,12 @@ use coroipc_server::{
 use crate::ffi::{self, AlignedBuf, ResponseHeader, CS_ERR_INVALID_PARAM, CS_ERR_TRY_AGAIN};
 
 /// How long the event loop polls busy connections before it sleeps
-/// (`COROIPC_SPIN_US` overrides).
-const DEFAULT_SPIN: Duration = Duration::from_micros(50);
+/// (`COROIPC_SPIN_US` overrides): not at all, as the original, whose
+/// threads sleep on semaphores. The executive's main thread needs the
+/// CPUs a spinning loop would take (measured in `benches/README.md`, "C
+/// ABI": spinning costs corosync's cpgbench throughput and, on a loaded
+/// 2-vCPU machine, rr64 round trips too).
+pub const DEFAULT_SPIN: Duration = Duration::ZERO;
 
 /// Service ids offered (corosync's `SERVICE_HANDLER_MAXIMUM_COUNT`).
 pub const MAX_SERVICES: u16 = 64;
