@@ -284,10 +284,8 @@ unsafe fn release(ptr: *mut ConnInfo) {
     // SAFETY: the last reference: nobody else can reach the block.
     let info = unsafe { Box::from_raw(ptr) };
     if let Some(exec) = EXEC.get() {
-        if let (Some(free), false) = (exec.cb.free, info.private.is_null()) {
-            // SAFETY: allocated with the executive's malloc.
-            unsafe { free(info.private) };
-        }
+        // SAFETY: allocated with the executive's malloc (libc's without one).
+        unsafe { exec.cb.free.map_or_else(|| libc::free(info.private), |free| free(info.private)) };
         if let Some(n) = lock(&exec.live).get_mut(&info.service) {
             *n = n.saturating_sub(1);
         }
@@ -306,28 +304,21 @@ fn connect(exec: &'static Exec, service: u16, conn: &Connection) -> Result<ConnP
     let cb = &exec.cb;
     let s = libc::c_uint::from(service);
     let _big = exec.big_lock();
-    // SAFETY (each call below): the executive's callbacks, called as its
-    // init state documents, under serialize_lock.
-    // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
+    // SAFETY: an executive callback, called as its init state documents, under serialize_lock.
     let available = cb.service_available.is_none_or(|f| unsafe { f(s) } != 0);
-    // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
+    // SAFETY: an executive callback, called as its init state documents, under serialize_lock.
     let init = cb.init_fn_get.and_then(|f| unsafe { f(s) });
     let Some(init) = init.filter(|_| available) else { return Err(Refusal::NoSuchService) };
-    // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
+    // SAFETY: an executive callback, called as its init state documents, under serialize_lock.
     let size = cb.private_data_size_get.map_or(0, |f| unsafe { f(s) }).max(0) as usize;
-    let private = match cb.malloc {
-        Some(malloc) => {
-            // SAFETY: the executive's malloc.
-            let p = unsafe { malloc(size.max(1)) };
-            if p.is_null() {
-                return Err(Refusal::NoMemory);
-            }
-            // SAFETY: `size.max(1)` bytes just allocated.
-            unsafe { std::ptr::write_bytes(p.cast::<u8>(), 0, size.max(1)) };
-            p
-        }
-        None => std::ptr::null_mut(),
-    };
+    // SAFETY: the executive's malloc, or libc's.
+    let private =
+        unsafe { cb.malloc.map_or_else(|| libc::malloc(size.max(1)), |malloc| malloc(size.max(1))) };
+    if private.is_null() {
+        return Err(Refusal::NoMemory);
+    }
+    // SAFETY: `size.max(1)` bytes just allocated.
+    unsafe { std::ptr::write_bytes(private.cast::<u8>(), 0, size.max(1)) };
     let pid = conn.credentials().pid.and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
     let id = i32::try_from(conn.id().get() % (i32::MAX as u64)).unwrap_or(0);
     let stats = match cb.stats_create_connection {
@@ -344,11 +335,13 @@ fn connect(exec: &'static Exec, service: u16, conn: &Connection) -> Result<ConnP
             let pname = proc_name(pid).unwrap_or_else(|| "proc".into());
             let name = CString::new(format!("{pname}:{short}:{pid}:{id}").replace('\0', " "))
                 .unwrap_or_else(|_| c"proc".into());
-            // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock. `name` is NUL-terminated.
+            // SAFETY: an executive callback, under serialize_lock; `name` is
+            // NUL-terminated.
             let h = unsafe { create(name.as_ptr(), pid, id) };
             if let Some(update) = cb.stats_update_value {
                 let sid = u32::from(service);
-                // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock. `sid` is the 4-byte value named.
+                // SAFETY: an executive callback, under serialize_lock; `sid` is the
+                // 4-byte value named.
                 unsafe { update(h, c"service_id".as_ptr(), (&raw const sid).cast(), 4) };
             }
             h
@@ -415,21 +408,24 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
     area.bytes_mut()[..payload.len()].copy_from_slice(payload);
     let msg: *const libc::c_void = area.as_mut_ptr();
     let pd = pd.as_mut_ptr();
+    // Our locks are only ever taken inside serialize_lock, never around a
+    // call into the executive: let the area go first. Only this thread
+    // (the event loop) uses it, so `msg` and `pd` stay ours meanwhile.
+    drop(scratch);
     lock(&info.pending).push_back(call.defer());
     let cb = &exec.cb;
     let s = libc::c_uint::from(service);
     let _big = exec.big_lock();
     exec.stats_increment(info.stats, c"requests");
-    // SAFETY (each call below): the executive's callbacks under
-    // serialize_lock; `msg` holds the whole request (8-byte aligned,
-    // `header.size` checked), valid until this function returns; `pd` is
-    // 512 bytes of per-connection scratch.
-    // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock. `msg` holds the whole checked request, `pd` 512 bytes of scratch.
+    // SAFETY: an executive callback under serialize_lock; `msg` holds the
+    // whole request (16-byte aligned, `header.size` checked against the
+    // area), valid until this function returns; `pd` is 512 bytes of
+    // per-connection scratch.
     let verdict = cb.sending_allowed.map_or(1, |f| unsafe { f(s, id, msg, pd) });
     match verdict {
-        // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
+        // SAFETY: an executive callback, called as its init state documents, under serialize_lock.
         1 => match cb.handler_fn_get.and_then(|f| unsafe { f(s, id) }) {
-            // SAFETY: the service's handler with a live conn and the request, valid until we return.
+            // SAFETY: the service's handler, with a live conn and the request.
             Some(handler) => unsafe { handler(ptr.cast(), msg) },
             None => {
                 exec.stats_increment(info.stats, c"invalid_request");
@@ -446,7 +442,7 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
         }
     }
     if let Some(f) = cb.sending_allowed_release {
-        // SAFETY: an executive callback of its init state, called as the struct documents, under serialize_lock.
+        // SAFETY: an executive callback, called as its init state documents, under serialize_lock.
         unsafe { f(pd) };
     }
 }

@@ -168,6 +168,8 @@ fn socket_name() -> String {
 
 fn server(name: &str) -> Proc {
     let mut s = Proc::spawn("test_server", &[name]);
+    let poll = s.expect("POLL");
+    assert_eq!(poll, "POLL unused accept=0 dispatch=-1", "no descriptor for the executive's loop");
     s.expect("READY");
     s
 }
@@ -339,5 +341,22 @@ fn server_shutdown_with_a_live_client_ends_both_cleanly() {
     let gone = holder.expect("GONE");
     assert_eq!(field(&gone, "dispatch"), 31, "CS_ERR_IN_SHUTDOWN: the server closed the connection: {gone}");
     assert_ne!(field(&gone, "call"), 1, "{gone}");
+    assert!(holder.wait().success());
+}
+
+#[test]
+fn version_1_init_serves_and_ipc_exit_closes_every_connection() {
+    let name = socket_name();
+    let mut srv = Proc::spawn("test_server", &[&name, "v1"]);
+    srv.expect("READY");
+    let mut holder = Proc::spawn("test_client", &["hold", &name]);
+    holder.expect("CONNECTED");
+    srv.signal(SIGTERM);
+    let exit = srv.expect("EXIT v1");
+    assert_eq!(field(&exit, "exits"), 1, "coroipcs_ipc_exit ran the live connection's exit_fn: {exit}");
+    assert_eq!(field(&exit, "lock_violations"), 0, "{exit}");
+    let gone = holder.expect("GONE");
+    assert_eq!(field(&gone, "dispatch"), 31, "CS_ERR_IN_SHUTDOWN: the server closed the connection: {gone}");
+    assert!(srv.wait().success());
     assert!(holder.wait().success());
 }

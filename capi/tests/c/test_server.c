@@ -20,6 +20,9 @@
  *
  *   test_server SOCKET_NAME      prints "READY" once listening; SIGTERM:
  *                                ipc_service_exit until 0, prints "EXIT ...".
+ *   test_server SOCKET_NAME v1   the same set up with coroipcs_ipc_init (struct
+ *                                coroipcs_init_state, no stats); SIGTERM:
+ *                                coroipcs_ipc_exit.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -467,12 +470,51 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 	state.socket_name = argv[1];
 	state.sched_param = &sp;
+	if (argc > 2 && strcmp(argv[2], "v1") == 0) {
+		static struct coroipcs_init_state v1;
+		v1.socket_name = state.socket_name;
+		v1.sched_param = state.sched_param;
+		v1.malloc = malloc;
+		v1.free = free;
+		v1.service_available = service_available;
+		v1.private_data_size_get = private_data_size_get;
+		v1.security_valid = security_valid;
+		v1.serialize_lock = serialize_lock;
+		v1.serialize_unlock = serialize_unlock;
+		v1.sending_allowed = sending_allowed;
+		v1.sending_allowed_release = sending_allowed_release;
+		v1.poll_accept_add = poll_accept_add;
+		v1.poll_dispatch_add = poll_dispatch_add;
+		v1.poll_dispatch_modify = poll_dispatch_modify;
+		v1.poll_dispatch_destroy = poll_dispatch_destroy;
+		v1.fatal_error = fatal_error;
+		v1.init_fn_get = init_fn_get;
+		v1.exit_fn_get = exit_fn_get;
+		v1.handler_fn_get = handler_fn_get;
+		coroipcs_ipc_init(&v1);
+		printf("READY\n");
+		fflush(stdout);
+		while (!stop)
+			usleep(5000);
+		coroipcs_ipc_exit();
+		/* Teardown runs in the library's own thread: wait for it. */
+		for (int i = 0; i < 1000 && counters.exits < counters.inits; i++)
+			usleep(5000);
+		printf("EXIT v1 inits=%d exits=%d lock_violations=%d\n", counters.inits, counters.exits,
+		       counters.lock_violations);
+		return 0;
+	}
 	state.old_log_printf = (void (*)(const char *, ...))1;	/* must be cleared */
 	coroipcs_ipc_init_v2(&state);
 	if (state.old_log_printf != NULL) {
 		fprintf(stderr, "old_log_printf not cleared\n");
 		return 1;
 	}
+	/* A library that registers no descriptors never needs its poll entry
+	 * points, which must still be there and harmless. */
+	if (npfds == 0)
+		printf("POLL unused accept=%d dispatch=%d\n", coroipcs_handler_accept(-1, POLLIN, NULL),
+		       coroipcs_handler_dispatch(-1, POLLIN, NULL));
 	printf("READY\n");
 	fflush(stdout);
 	while (!stop) {
