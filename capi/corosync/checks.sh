@@ -79,6 +79,16 @@ check testzcgc "rc $rc" test $rc = 0
 echo "     (100 x 1 MiB zcb left at exit: $(($(ms) - t0)) ms)"
 
 t0=$(ms)
+timeout 120 "$T/stress_cpgzc" >"$work/stress_cpgzc.out" 2>&1
+check stress_cpgzc "$(tail -1 "$work/stress_cpgzc.out")" grep -q '^PASS' "$work/stress_cpgzc.out"
+echo "     (200,000 zcb alloc+free and 400,000 round trips in $(($(ms) - t0)) ms)"
+
+timeout 30 "$T/testevs" >"$work/testevs.out" 2>&1
+rc=$?
+n=$(grep -c 'This is message' "$work/testevs.out")
+check testevs "rc $rc, $n deliveries" sh -c "[ $rc = 0 ] && [ $n -gt 100 ]"
+
+t0=$(ms)
 timeout 60 "$T/cpgverify" -i 2000 >"$work/cpgverify.out" 2>&1
 rc=$?
 verified=$(grep -c '^SIZE' "$work/cpgverify.out")
@@ -126,6 +136,8 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 check testcpg-deliver "member 2 saw member 1's message" grep -q "'hello-from-one" "$work/cpg2.out"
+timeout 10 "$P/sbin/corosync-cpgtool" >"$work/cpgtool.out" 2>&1
+check cpgtool "$(tr '\n\t' '  ' <"$work/cpgtool.out")" sh -c "grep -q GROUP '$work/cpgtool.out' && grep -qw $c1 '$work/cpgtool.out' && grep -qw $c2 '$work/cpgtool.out'"
 kill -KILL "$c2"; wait "$c2" 2>/dev/null
 for _ in $(seq 100); do
   grep -qE "left .*/$c2 reason: 5" "$work/cpg1.out" && break
