@@ -54,9 +54,11 @@
 //! length (`sending_allowed` and `handler_fn_get` index it), so a hostile
 //! client of corosync can still make the executive read past it.
 //! Responses are answered in order: the C client library has one request
-//! in flight per handle, and `coroipcs_response_send` answers the oldest
-//! unanswered request of `conn`, whenever and from whatever thread it
-//! comes. The library never answers on a service's behalf.
+//! in flight per handle (a client that pipelines gets `CS_ERR_TRY_AGAIN`
+//! past [`MAX_PENDING`] unanswered requests), and
+//! `coroipcs_response_send` answers the oldest unanswered request of
+//! `conn`, whenever and from whatever thread it comes. The library never
+//! answers on a service's behalf.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString};
@@ -79,6 +81,10 @@ use crate::ffi::{self, AlignedBuf, ResponseHeader, CS_ERR_INVALID_PARAM, CS_ERR_
 /// ABI": spinning costs corosync's cpgbench throughput and, on a loaded
 /// 2-vCPU machine, rr64 round trips too).
 pub const DEFAULT_SPIN: Duration = Duration::ZERO;
+
+/// Most unanswered requests one connection may have: past it, requests
+/// are answered `CS_ERR_TRY_AGAIN` before the executive sees them.
+pub const MAX_PENDING: usize = 64;
 
 /// Service ids offered (corosync's `SERVICE_HANDLER_MAXIMUM_COUNT`).
 pub const MAX_SERVICES: u16 = 64;
@@ -412,7 +418,18 @@ fn serve(exec: &'static Exec, service: u16, mut call: Call<'_, ConnPtr>) {
     // call into the executive: let the area go first. Only this thread
     // (the event loop) uses it, so `msg` and `pd` stay ours meanwhile.
     drop(scratch);
-    lock(&info.pending).push_back(call.defer());
+    {
+        let mut pending = lock(&info.pending);
+        if pending.len() >= MAX_PENDING {
+            // Only a client pipelining requests (not the C library, which
+            // waits for each answer) gets here: it holds no more.
+            drop(pending);
+            exec.stats_increment(info.stats, c"overload");
+            let _ = call.respond(&ResponseHeader::synthesized(0, CS_ERR_TRY_AGAIN));
+            return;
+        }
+        pending.push_back(call.defer());
+    }
     let cb = &exec.cb;
     let s = libc::c_uint::from(service);
     let _big = exec.big_lock();

@@ -360,3 +360,46 @@ fn version_1_init_serves_and_ipc_exit_closes_every_connection() {
     assert!(srv.wait().success());
     assert!(holder.wait().success());
 }
+
+#[test]
+fn a_rust_client_pipelining_or_lying_about_ids_is_contained() {
+    use coroipc_client::{Client, Error};
+    use std::io::IoSlice;
+    let name = socket_name();
+    let mut srv = server(&name);
+    // Not the C library (one request at a time): the Rust client, which
+    // pipelines. Handler 10 of the test service never answers.
+    let client = Client::builder(&format!("@{name}"), 1).max_message(4096).connect().expect("connect");
+    let mut req = [0u8; 16];
+    req[0..4].copy_from_slice(&16i32.to_ne_bytes());
+    req[8..12].copy_from_slice(&10i32.to_ne_bytes());
+    let limit = coroipc_capi::server::MAX_PENDING;
+    let tickets: Vec<_> = (0..limit + 6)
+        .map(|_| client.send(10, &[IoSlice::new(&req)], Some(DEADLINE)).expect("send"))
+        .collect();
+    let mut buf = [0u8; 64];
+    for t in &tickets[limit..] {
+        let n = client.wait(*t, &mut buf, Some(DEADLINE)).expect("an answer past the limit");
+        assert_eq!(n, 24, "a synthesized header");
+        assert_eq!(i32::from_ne_bytes(buf[16..20].try_into().expect("4")), 6, "CS_ERR_TRY_AGAIN");
+    }
+    // A header id other than the command it travels as is refused before
+    // the executive sees it (CS_ERR_INVALID_PARAM), as is a request
+    // shorter than its header.
+    let n = client.call(0, &req, &mut buf).expect("an answer");
+    assert_eq!((n, i32::from_ne_bytes(buf[16..20].try_into().expect("4"))), (24, 7), "mismatched id");
+    let n = client.call(0, &req[..8], &mut buf).expect("an answer");
+    assert_eq!((n, i32::from_ne_bytes(buf[16..20].try_into().expect("4"))), (24, 7), "short request");
+    // The first `limit` wait for the service, which never answers: the
+    // library does not answer for it.
+    assert!(matches!(
+        client.wait(tickets[0], &mut buf, Some(Duration::from_millis(100))),
+        Err(Error::Timeout)
+    ));
+    drop(client);
+    srv.expect("EXITFN");
+    srv.signal(SIGTERM);
+    let exit = srv.expect("EXIT ");
+    assert_eq!(field(&exit, "inits"), field(&exit, "exits"), "{exit}");
+    assert!(srv.wait().success());
+}

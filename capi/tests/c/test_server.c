@@ -15,6 +15,7 @@
  *   7  deny: the next connect is refused by security_valid (errno = payload int)
  *   8  dispatch from the main thread, under serialize_lock ({count, size})
  *   9  rr64: answers 64 bytes (header + the request's bytes 16..56)
+ *  10  silent: never answers
  *
  * Service 2 is not available; service 3 has no init function.
  *
@@ -387,11 +388,18 @@ static void h_rr64(void *conn, const void *msg)
 	coroipcs_response_send(conn, out, sizeof(out));
 }
 
+static void h_silent(void *conn, const void *msg)
+{
+	(void)conn; (void)msg;
+	check_locked();
+	COUNT(requests);
+}
+
 static coroipcs_handler_fn_lvalue handler_fn_get(unsigned int service, unsigned int id)
 {
 	static coroipcs_handler_fn_lvalue table[] = {
 		h_echo, h_deferred, h_dispatch, h_echo, h_echo, h_counters, h_busy_exit, h_deny, h_main_dispatch,
-		h_rr64,
+		h_rr64, h_silent,
 	};
 	(void)service;
 	if (id >= sizeof(table) / sizeof(table[0]))
