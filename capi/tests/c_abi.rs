@@ -403,3 +403,23 @@ fn a_rust_client_pipelining_or_lying_about_ids_is_contained() {
     assert_eq!(field(&exit, "inits"), field(&exit, "exits"), "{exit}");
     assert!(srv.wait().success());
 }
+
+#[test]
+fn a_referenced_connection_outlives_its_exit_fn_until_the_last_refcount_dec() {
+    let name = socket_name();
+    let mut srv = server(&name);
+    let mut client = Proc::spawn("test_client", &["holdref", &name]);
+    assert_eq!(client.expect("HOLDREF"), "HOLDREF call=1 id=111");
+    assert!(client.wait().success());
+    srv.expect("EXITFN");
+    let held = srv.expect("HELD");
+    assert_eq!(
+        held, "HELD freed_before=0 dispatch=-1 response=-1 freed_after=1",
+        "after exit_fn the referenced conn stays allocated, sending to it fails harmlessly, \
+         and the last coroipcs_refcount_dec frees it"
+    );
+    srv.signal(SIGTERM);
+    let exit = srv.expect("EXIT ");
+    assert_eq!(field(&exit, "lock_violations"), 0, "{exit}");
+    assert!(srv.wait().success());
+}

@@ -6,6 +6,7 @@
  *   test_client hold SOCKET     connects, prints CONNECTED, blocks in dispatch_get(-1);
  *                               prints "GONE dispatch=N call=N revents=N" when the server goes
  *   test_client victim SOCKET   connects, makes a call, prints READY, sleeps (to be SIGKILLed)
+ *   test_client holdref SOCKET  connects, has the server take a reference (handler 11), disconnects
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -438,6 +439,16 @@ static int run_victim(void)
 		pause();
 }
 
+static int run_holdref(void)
+{
+	hdb_handle_t h = connect_ok();
+	coroipc_response_header_t res;
+	cs_error_t e = call_header(h, 11, NULL, 0, &res, sizeof(res));
+	printf("HOLDREF call=%d id=%d\n", e, res.id);
+	coroipcc_service_disconnect(h);
+	return e == CS_OK ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
 	if (argc < 3) {
@@ -452,5 +463,7 @@ int main(int argc, char **argv)
 		return run_hold();
 	if (strcmp(argv[1], "victim") == 0)
 		return run_victim();
+	if (strcmp(argv[1], "holdref") == 0)
+		return run_holdref();
 	return 2;
 }

@@ -16,6 +16,9 @@
  *   8  dispatch from the main thread, under serialize_lock ({count, size})
  *   9  rr64: answers 64 bytes (header + the request's bytes 16..56)
  *  10  silent: never answers
+ *  11  hold: takes a reference (refcount_inc) on the connection; once its
+ *      exit_fn ran, the main thread sends to it, drops the reference and
+ *      prints "HELD freed_before=F dispatch=D response=R freed_after=F"
  *
  * Service 2 is not available; service 3 has no init function.
  *
@@ -83,8 +86,21 @@ static void serialize_unlock(void)
 struct pd {
 	int magic_zero[16];	/* must be zero at init */
 	int busy_exits;		/* exit_fn returns -1 this many times */
-	pid_t pid;
+	int exited;		/* exit_fn returned 0 */
 };
+
+/* The connection held by handler 11, and whether the library freed its
+ * private data (through the executive's free, below). */
+static void *held_conn;
+static struct pd *held_pd;
+static volatile int held_pd_freed;
+
+static void counting_free(void *p)
+{
+	if (p != NULL && p == (void *)held_pd)
+		held_pd_freed = 1;
+	free(p);
+}
 
 static int service_available(unsigned int service)
 {
@@ -212,6 +228,7 @@ static int exit_fn(void *conn)
 		COUNT(exit_retries);
 		return -1;
 	}
+	pd->exited = 1;
 	COUNT(exits);
 	printf("EXITFN exits=%d\n", counters.exits);
 	fflush(stdout);
@@ -388,6 +405,39 @@ static void h_rr64(void *conn, const void *msg)
 	coroipcs_response_send(conn, out, sizeof(out));
 }
 
+static void h_hold(void *conn, const void *msg)
+{
+	(void)msg;
+	check_locked();
+	COUNT(requests);
+	coroipcs_refcount_inc(conn);
+	held_pd = coroipcs_private_data_get(conn);
+	held_conn = conn;
+	respond_header(conn, 111, CS_OK);
+}
+
+/* Main thread, under serialize_lock: once the held connection's exit_fn
+ * ran, its memory must still be there; sending to it must be harmless;
+ * dropping the last reference frees it. */
+static void held_work(void)
+{
+	int before, d, r;
+	coroipc_response_header_t m = { .size = sizeof(m), .id = 300, .error = CS_OK };
+	serialize_lock();
+	if (held_conn == NULL || !held_pd->exited) {
+		serialize_unlock();
+		return;
+	}
+	before = held_pd_freed;
+	d = coroipcs_dispatch_send(held_conn, &m, sizeof(m));
+	r = coroipcs_response_send(held_conn, &m, sizeof(m));
+	coroipcs_refcount_dec(held_conn);
+	held_conn = NULL;
+	serialize_unlock();
+	printf("HELD freed_before=%d dispatch=%d response=%d freed_after=%d\n", before, d, r, held_pd_freed);
+	fflush(stdout);
+}
+
 static void h_silent(void *conn, const void *msg)
 {
 	(void)conn; (void)msg;
@@ -399,7 +449,7 @@ static coroipcs_handler_fn_lvalue handler_fn_get(unsigned int service, unsigned 
 {
 	static coroipcs_handler_fn_lvalue table[] = {
 		h_echo, h_deferred, h_dispatch, h_echo, h_echo, h_counters, h_busy_exit, h_deny, h_main_dispatch,
-		h_rr64, h_silent,
+		h_rr64, h_silent, h_hold,
 	};
 	(void)service;
 	if (id >= sizeof(table) / sizeof(table[0]))
@@ -439,7 +489,7 @@ static void on_term(int sig) { (void)sig; stop = 1; }
 static struct coroipcs_init_state_v2 state = {
 	.sched_policy = 0,
 	.malloc = malloc,
-	.free = free,
+	.free = counting_free,
 	.service_available = service_available,
 	.private_data_size_get = private_data_size_get,
 	.security_valid = security_valid,
@@ -556,6 +606,7 @@ int main(int argc, char **argv)
 			}
 		}
 		main_thread_work();
+		held_work();
 	}
 	/* corosync's shutdown: ipc_service_exit until it says 0. */
 	for (int tries = 0; coroipcs_ipc_service_exit(1) == -1; tries++) {
