@@ -42,6 +42,7 @@
 //! here. The API shape is kept: buffers are checked against what this
 //! library handed out, `zcb_free` refuses unknown pointers, and buffers
 //! still allocated at disconnect are freed then.
+#![allow(unsafe_code)] // raw pointers from C: see the crate docs
 
 use std::collections::HashMap;
 use std::io::IoSlice;

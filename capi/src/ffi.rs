@@ -1,6 +1,7 @@
 //! The C types both libraries share (`include/corosync/coroipc_types.h`):
 //! `cs_error_t` values, the request and response headers, and the
 //! conversions of C `struct iovec` arrays.
+#![allow(unsafe_code)] // raw pointers from C: see the crate docs
 
 use std::io::IoSlice;
 

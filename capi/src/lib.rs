@@ -19,18 +19,29 @@
 //! This is the only crate of the workspace with `unsafe` in its
 //! interface: every exported function takes raw pointers from C. The
 //! `unsafe` stays in the files that cross the boundary (`ffi.rs`,
-//! `client.rs`, `server.rs`); each block says what it relies on. No
-//! exported function unwinds into C: a panic is caught and returned as
-//! `CS_ERR_LIBRARY` (or a no-op for functions returning nothing).
+//! `client.rs`, `server.rs`, each with its own `allow(unsafe_code)`); each
+//! block says what it relies on. No exported function unwinds into C: a
+//! panic is caught and returned as `CS_ERR_LIBRARY` (or −1, or a no-op for
+//! functions returning nothing).
+//!
+//! ## Tuning
+//!
+//! Neither side spins by default: a blocked call sleeps on a futex and the
+//! server's loop sleeps in `epoll_wait`, as the original's threads sleep on
+//! semaphores, leaving the CPUs to the executive (`benches/README.md`, "C
+//! ABI", has the measurements). `COROIPC_SPIN_US=N` in the environment of a
+//! process makes both libraries spin up to N µs first.
 //!
 //! ## What differs from the original, on purpose
 //!
 //! * **No client-supplied paths or addresses.** Segments are sealed memfds
 //!   the server creates; zero-copy buffers are identified by pointers the
 //!   client library itself handed out and checks.
-//! * **Request sizes are checked.** A request whose header says it is
-//!   shorter than a header or longer than the bytes received is answered
-//!   `CS_ERR_INVALID_PARAM` before any service code sees it.
+//! * **Request sizes are checked.** A request shorter than its header, or
+//!   whose header says it is shorter than a header or longer than the
+//!   connection's request area, is answered `CS_ERR_INVALID_PARAM` before
+//!   any service code sees it; the handler never reads past what this
+//!   client sent into its own request area (see [`server`]).
 //! * **Handlers never read memory the client can still change.** Every
 //!   request, zero-copy ones included, reaches the handler in
 //!   server-private memory (see [`client`] for the zero-copy choice).
@@ -38,14 +49,13 @@
 //!   crate's per-connection drainer threads, which never call into the
 //!   executive) instead of one thread per connection. Every call into the
 //!   executive (`service_available`, `security_valid`, `init_fn`,
-//!   `sending_allowed`, handlers, `exit_fn`, the `stats_*` callbacks at
-//!   connect and disconnect) is made from that thread under
-//!   `serialize_lock`; `coroipcs_response_send` and
-//!   `coroipcs_dispatch_send` never take it and never block.
+//!   `sending_allowed`, handlers, `exit_fn`, the `stats_*` callbacks) is
+//!   made from that thread under `serialize_lock`, except the `responses`
+//!   and `dispatched` counters, bumped by whichever thread sends, as the
+//!   original does; `coroipcs_response_send` and `coroipcs_dispatch_send`
+//!   never take the lock and never block.
 //! * **The executive's poll loop is not used** (`poll_accept_add` is never
 //!   called), so `coroipcs_handler_accept`/`_dispatch` are never invoked.
-#![allow(unsafe_code)]
-
 pub mod client;
 pub mod ffi;
 pub mod server;

@@ -59,6 +59,7 @@
 //! `coroipcs_response_send` answers the oldest unanswered request of
 //! `conn`, whenever and from whatever thread it comes. The library never
 //! answers on a service's behalf.
+#![allow(unsafe_code)] // raw pointers from C: see the crate docs
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{CStr, CString};
