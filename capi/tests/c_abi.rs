@@ -364,7 +364,6 @@ fn version_1_init_serves_and_ipc_exit_closes_every_connection() {
 #[test]
 fn a_rust_client_pipelining_or_lying_about_ids_is_contained() {
     use coroipc_client::{Client, Error};
-    use std::io::IoSlice;
     let name = socket_name();
     let mut srv = server(&name);
     // Not the C library (one request at a time): the Rust client, which
@@ -375,7 +374,7 @@ fn a_rust_client_pipelining_or_lying_about_ids_is_contained() {
     req[8..12].copy_from_slice(&10i32.to_ne_bytes());
     let limit = coroipc_capi::server::MAX_PENDING;
     let tickets: Vec<_> = (0..limit + 6)
-        .map(|_| client.send(10, &[IoSlice::new(&req)], Some(DEADLINE)).expect("send"))
+        .map(|_| client.send(10, &req, Some(DEADLINE)).expect("send"))
         .collect();
     let mut buf = [0u8; 64];
     for t in &tickets[limit..] {
