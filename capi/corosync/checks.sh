@@ -39,6 +39,13 @@ for _ in $(seq 100); do
   "$P/sbin/corosync-cfgtool" -s >"$work/cfg.out" 2>&1 && break
   sleep 0.1
 done
+if ! kill -0 "$cs" 2>/dev/null; then
+  # e.g. "Another Corosync instance is already running" (its pid file is in
+  # the build's prefix, shared by every namespace)
+  echo "FAIL corosync-start           $(tail -2 "$work/corosync.log" | tr '\n' ' ')"
+  echo "corosync integration: corosync did not start"
+  exit 1
+fi
 
 # 1. Our libraries are the ones loaded.
 check loaded-executive "libcoroipcs.so.4 in /proc/$cs/maps is not $overlay's" \
@@ -63,10 +70,29 @@ timeout 10 "$P/sbin/corosync-objctl" -c capitest >/dev/null 2>&1
 timeout 10 "$P/sbin/corosync-objctl" -w capitest.key=hello-coroipc-rs >/dev/null 2>&1
 check objctl-write "read back" sh -c "timeout 10 '$P/sbin/corosync-objctl' -a | grep -q '^capitest.key=hello-coroipc-rs'"
 
+# confdb change notifications: dispatch messages sent from another
+# connection's handler, through confdb's notify pipe.
+timeout 10 "$P/sbin/corosync-objctl" -c capitrack >/dev/null 2>&1
+(sleep 2) | $lb "$P/sbin/corosync-objctl" -t capitrack >"$work/track.out" 2>&1 &
+tr=$!
+sleep 0.5
+for i in 1 2 3 4 5; do timeout 10 "$P/sbin/corosync-objctl" -w "capitrack.k$i=v$i" >/dev/null 2>&1; done
+wait $tr
+n=$(grep -c '^key_changed> capitrack.k' "$work/track.out")
+check objctl-track "$n of 5 notifications" test "$n" = 5
+
 # 3. Test programs.
 timeout 20 "$T/testconfdb" >"$work/testconfdb.out" 2>&1
 rc=$?
 check testconfdb "rc $rc, $(wc -l <"$work/testconfdb.out") lines" sh -c "[ $rc = 0 ] && [ $(wc -l <"$work/testconfdb.out") -gt 50 ] && ! grep -q '^error' '$work/testconfdb.out'"
+
+timeout 20 "$T/testconfdb" write >"$work/testconfdb-w.out" 2>&1
+rc=$?
+check testconfdb-write "rc $rc" sh -c "[ $rc = 0 ] && grep -q 'Finalize  result is 1' '$work/testconfdb-w.out'"
+
+timeout 20 $lb "$T/testcpg2" >"$work/testcpg2.out" 2>&1
+rc=$?
+check testcpg2 "rc $rc" sh -c "[ $rc = 0 ] && grep -q '^confchg nodeid' '$work/testcpg2.out'"
 
 # testcpgzc: one zero-copy message, then leave.
 printf 'zc-hello\nEXIT\n' | timeout 20 "$T/testcpgzc" >"$work/testcpgzc.out" 2>&1
