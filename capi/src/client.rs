@@ -13,14 +13,10 @@
 //!
 //! ## The dispatch fd
 //!
-//! `coroipcc_fd_get` returns one epoll descriptor per handle (the same one
-//! every time) watching the client's dispatch fd and an eventfd of this
-//! library. It is level-triggered: readable while a dispatch message is
-//! pending, and when the server has gone (the next `dispatch_get` then
-//! fails). After each `dispatch_put` the library looks one message ahead:
-//! if one is there it is kept (copied out of the ring) and the eventfd is
-//! set, so the descriptor stays readable; if none is, the client's dispatch
-//! fd is armed and becomes readable when the next one lands.
+//! `coroipcc_fd_get` returns the client's dispatch fd (the same one every
+//! time): level-triggered, readable exactly while a dispatch message is
+//! pending, from connect on, and when the server has gone (the next
+//! `dispatch_get` then fails).
 //!
 //! Dispatch messages and `in_buf` responses are copied out of the shared
 //! ring into 16-byte-aligned private buffers (a message starts with
@@ -46,14 +42,13 @@
 
 use std::collections::HashMap;
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
 use coroipc_client::{Client, DisconnectReason, Error, SleepMode, WaitPolicy};
 use coroipc_transport::message::HEADER_LEN;
-use rustix::event::{epoll, eventfd, poll, EventfdFlags, PollFd, PollFlags, Timespec};
 
 use crate::ffi::{
     self, guard, AlignedBuf, CsError, RequestHeader, ResponseHeader, CS_ERR_BAD_HANDLE, CS_ERR_INVALID_PARAM,
@@ -75,35 +70,15 @@ struct Handle {
     /// Serialises request/response; holds the `in_buf` response and the
     /// zero-copy buffers.
     req: Mutex<ReqState>,
-    /// The dispatch side (another thread may receive while one calls).
-    disp: Mutex<DispState>,
-    /// The descriptor handed out by `coroipcc_fd_get` (epoll over the
-    /// client's dispatch fd and `ahead_fd`).
-    poll_fd: OwnedFd,
-    /// Set while a looked-ahead dispatch message waits in `DispState`.
-    ahead_fd: OwnedFd,
+    /// The dispatch side (another thread may receive while one calls):
+    /// the message handed out by `dispatch_get` until `dispatch_put`.
+    disp: Mutex<AlignedBuf>,
 }
 
 struct ReqState {
     in_buf: AlignedBuf,
     /// Zero-copy buffers by start address.
     zcb: HashMap<usize, AlignedBuf>,
-}
-
-struct DispState {
-    /// The message handed out by `dispatch_get` until `dispatch_put`.
-    current: AlignedBuf,
-    /// Whether `current` is handed out.
-    current_out: bool,
-    /// A message received ahead (see the module docs), and its length.
-    ahead: AlignedBuf,
-    ahead_len: Option<usize>,
-    /// Whether `ahead_fd` is set (it is while `ahead_len` is `Some`, and
-    /// until the next look-ahead finds nothing).
-    signalled: bool,
-    /// Whether the last receive found the ring empty, which armed the
-    /// client's dispatch fd.
-    armed: bool,
 }
 
 /// The references a `_get` holds until its `_put`.
@@ -197,34 +172,13 @@ pub unsafe extern "C" fn coroipcc_service_connect(
             Err(e) => return connect_error(&e),
         };
         let max_payload = client.max_message().saturating_sub(HEADER_LEN);
-        let Ok(ahead_fd) = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK) else {
-            return CS_ERR_NO_RESOURCES;
-        };
-        let Ok(poll_fd) = epoll::create(epoll::CreateFlags::CLOEXEC) else { return CS_ERR_NO_RESOURCES };
-        for (fd, key) in [(client.as_fd(), 0u64), (ahead_fd.as_fd(), 1)] {
-            if epoll::add(&poll_fd, fd, epoll::EventData::new_u64(key), epoll::EventFlags::IN).is_err() {
-                return CS_ERR_NO_RESOURCES;
-            }
-        }
         let h = Arc::new(Handle {
             client,
             request_size,
             max_payload,
             req: Mutex::new(ReqState { in_buf: AlignedBuf::zeroed(max_payload), zcb: HashMap::new() }),
-            disp: Mutex::new(DispState {
-                current: AlignedBuf::zeroed(max_payload),
-                current_out: false,
-                ahead: AlignedBuf::zeroed(max_payload),
-                ahead_len: None,
-                signalled: false,
-                armed: false,
-            }),
-            poll_fd,
-            ahead_fd,
+            disp: Mutex::new(AlignedBuf::zeroed(max_payload)),
         });
-        // Look ahead once: this also arms the client's dispatch fd, so the
-        // first message makes the descriptor readable.
-        h.look_ahead(&mut lock(&h.disp));
         let id = registry().next.fetch_add(1, Ordering::Relaxed);
         lock(&registry().handles).insert(id, h);
         // SAFETY: checked non-null above; the caller promises it writable.
@@ -258,7 +212,7 @@ pub unsafe extern "C" fn coroipcc_fd_get(handle: HdbHandle, fd: *mut libc::c_int
             return CS_ERR_INVALID_PARAM;
         }
         // SAFETY: checked non-null; the caller promises it writable.
-        unsafe { fd.write(h.poll_fd.as_raw_fd()) };
+        unsafe { fd.write(h.client.as_fd().as_raw_fd()) };
         CS_OK
     })
 }
@@ -287,50 +241,6 @@ pub unsafe extern "C" fn coroipcc_dispatch_flow_control_get(
 }
 
 impl Handle {
-    /// Receives the next dispatch message into `ahead` if one is there
-    /// (the descriptor then stays readable through `ahead_fd`); otherwise
-    /// the client's dispatch fd is armed and `ahead_fd` cleared.
-    fn look_ahead(&self, d: &mut DispState) {
-        if d.ahead_len.is_some() || self.known_empty(d) {
-            return;
-        }
-        match self.client.try_recv_dispatch(d.ahead.bytes_mut()) {
-            Ok(info) => {
-                d.ahead_len = Some(info.len);
-                d.armed = false;
-                if !d.signalled {
-                    let _ = rustix::io::write(&self.ahead_fd, &1u64.to_ne_bytes());
-                    d.signalled = true;
-                }
-            }
-            Err(e) => {
-                d.armed = matches!(e, Error::TryAgain);
-                self.clear_ahead_fd(d);
-            }
-        }
-    }
-
-    /// Whether the ring is known to be empty without asking the client:
-    /// its dispatch fd was armed by the last empty receive and is still
-    /// not readable (an arrival, or the server going, would make it so).
-    /// One `poll(2)` instead of the receive's disarm, liveness check and
-    /// re-arm.
-    fn known_empty(&self, d: &DispState) -> bool {
-        if !d.armed {
-            return false;
-        }
-        let mut fds = [PollFd::new(&self.client, PollFlags::IN)];
-        matches!(poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0))
-    }
-
-    fn clear_ahead_fd(&self, d: &mut DispState) {
-        if d.signalled {
-            let mut b = [0u8; 8];
-            let _ = rustix::io::read(&self.ahead_fd, &mut b);
-            d.signalled = false;
-        }
-    }
-
     /// The `cs_error_t` of a failed dispatch receive.
     fn dispatch_error(e: &Error) -> CsError {
         match e {
@@ -382,31 +292,16 @@ pub unsafe extern "C" fn coroipcc_dispatch_get(
             return CS_ERR_INVALID_PARAM;
         }
         let mut d = lock(&h.disp);
-        let d = &mut *d;
-        d.current_out = false;
-        if d.ahead_len.take().is_some() {
-            std::mem::swap(&mut d.current, &mut d.ahead);
-        } else {
-            if timeout == 0 && h.known_empty(d) {
-                return CS_ERR_TRY_AGAIN;
-            }
-            let got = match timeout {
-                0 => h.client.try_recv_dispatch(d.current.bytes_mut()),
-                t if t < 0 => h.client.recv_dispatch(d.current.bytes_mut(), None),
-                t => h.client.recv_dispatch(d.current.bytes_mut(), Some(Duration::from_millis(t as u64))),
-            };
-            if let Err(e) = got {
-                d.armed = matches!(e, Error::TryAgain | Error::Timeout);
-                if d.armed {
-                    h.clear_ahead_fd(d);
-                }
-                return Handle::dispatch_error(&e);
-            }
-            d.armed = false;
+        let got = match timeout {
+            0 => h.client.try_recv_dispatch(d.bytes_mut()),
+            t if t < 0 => h.client.recv_dispatch(d.bytes_mut(), None),
+            t => h.client.recv_dispatch(d.bytes_mut(), Some(Duration::from_millis(t as u64))),
+        };
+        if let Err(e) = got {
+            return Handle::dispatch_error(&e);
         }
-        d.current_out = true;
         // SAFETY: checked non-null; the caller promises it writable.
-        unsafe { buf.write(d.current.as_mut_ptr()) };
+        unsafe { buf.write(d.as_mut_ptr()) };
         lock(&registry().held).insert((handle, Held::Dispatch), h.clone());
         CS_OK
     })
@@ -418,11 +313,11 @@ pub unsafe extern "C" fn coroipcc_dispatch_get(
 pub extern "C" fn coroipcc_dispatch_put(handle: HdbHandle) -> CsError {
     guard(CS_ERR_LIBRARY, || {
         let held = lock(&registry().held).remove(&(handle, Held::Dispatch));
-        let Some(h) = held.or_else(|| lookup(handle)) else { return CS_ERR_BAD_HANDLE };
-        let mut d = lock(&h.disp);
-        d.current_out = false;
-        h.look_ahead(&mut d);
-        CS_OK
+        if held.is_some() || lookup(handle).is_some() {
+            CS_OK
+        } else {
+            CS_ERR_BAD_HANDLE
+        }
     })
 }
 

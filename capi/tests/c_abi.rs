@@ -373,9 +373,8 @@ fn a_rust_client_pipelining_or_lying_about_ids_is_contained() {
     req[0..4].copy_from_slice(&16i32.to_ne_bytes());
     req[8..12].copy_from_slice(&10i32.to_ne_bytes());
     let limit = coroipc_capi::server::MAX_PENDING;
-    let tickets: Vec<_> = (0..limit + 6)
-        .map(|_| client.send(10, &req, Some(DEADLINE)).expect("send"))
-        .collect();
+    let tickets: Vec<_> =
+        (0..limit + 6).map(|_| client.send(10, &req, Some(DEADLINE)).expect("send")).collect();
     let mut buf = [0u8; 64];
     for t in &tickets[limit..] {
         let n = client.wait(*t, &mut buf, Some(DEADLINE)).expect("an answer past the limit");
