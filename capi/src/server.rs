@@ -842,7 +842,11 @@ pub extern "C" fn coroipcs_ipc_service_exit(service: libc::c_uint) -> libc::c_in
     ffi::guard(0, || {
         let Some(exec) = EXEC.get() else { return 0 };
         let Ok(service) = u16::try_from(service) else { return 0 };
-        if lock(&exec.live).get(&service).copied().unwrap_or(0) == 0 {
+        // Live blocks (exit_fn pending or references held), and connections
+        // the server accepted whose init has not run yet.
+        let live = lock(&exec.live).get(&service).copied().unwrap_or(0) > 0
+            || exec.handle.get().is_some_and(|h| h.connections().iter().any(|c| c.service() == service));
+        if !live {
             return 0;
         }
         if lock(&exec.exiting).insert(service) {

@@ -413,6 +413,9 @@ static int run_hold(void)
 	int fd;
 	coroipc_response_header_t res;
 	coroipcc_fd_get(h, &fd);
+	/* A round trip first: connect returns once the server accepted, which
+	 * can be before the service's init_fn ran; an answer comes after it. */
+	call_header(h, 0, NULL, 0, &res, sizeof(res));
 	printf("CONNECTED\n");
 	fflush(stdout);
 	cs_error_t d = coroipcc_dispatch_get(h, &buf, -1);
