@@ -43,9 +43,9 @@
 use std::collections::HashMap;
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use coroipc_client::{Client, DisconnectReason, Error, SleepMode, WaitPolicy};
 use coroipc_transport::message::HEADER_LEN;
@@ -73,7 +73,15 @@ struct Handle {
     /// The dispatch side (another thread may receive while one calls):
     /// the message handed out by `dispatch_get` until `dispatch_put`.
     disp: Mutex<AlignedBuf>,
+    /// Set by `coroipcc_service_disconnect`: a `dispatch_get` blocked in
+    /// another thread returns `CS_ERR_BAD_HANDLE` within
+    /// [`DISCONNECT_SLICE`].
+    closed: AtomicBool,
 }
+
+/// How often a blocked `coroipcc_dispatch_get` looks whether its handle
+/// was disconnected.
+const DISCONNECT_SLICE: Duration = Duration::from_millis(100);
 
 struct ReqState {
     in_buf: AlignedBuf,
@@ -178,6 +186,7 @@ pub unsafe extern "C" fn coroipcc_service_connect(
             max_payload,
             req: Mutex::new(ReqState { in_buf: AlignedBuf::zeroed(max_payload), zcb: HashMap::new() }),
             disp: Mutex::new(AlignedBuf::zeroed(max_payload)),
+            closed: AtomicBool::new(false),
         });
         let id = registry().next.fetch_add(1, Ordering::Relaxed);
         lock(&registry().handles).insert(id, h);
@@ -193,7 +202,10 @@ pub unsafe extern "C" fn coroipcc_service_connect(
 #[no_mangle]
 pub extern "C" fn coroipcc_service_disconnect(handle: HdbHandle) -> CsError {
     guard(CS_ERR_LIBRARY, || match lock(&registry().handles).remove(&handle) {
-        Some(_) => CS_OK,
+        Some(h) => {
+            h.closed.store(true, Ordering::Release);
+            CS_OK
+        }
         None => CS_ERR_BAD_HANDLE,
     })
 }
@@ -275,7 +287,8 @@ impl Handle {
 ///
 /// `CS_ERR_TRY_AGAIN` (none in time), `CS_ERR_LIBRARY` (the server died),
 /// `CS_ERR_IN_SHUTDOWN` (the server closed the connection),
-/// `CS_ERR_BAD_HANDLE`.
+/// `CS_ERR_BAD_HANDLE` (also for a wait ended by a disconnect of the
+/// handle from another thread).
 ///
 /// # Safety
 ///
@@ -292,10 +305,20 @@ pub unsafe extern "C" fn coroipcc_dispatch_get(
             return CS_ERR_INVALID_PARAM;
         }
         let mut d = lock(&h.disp);
-        let got = match timeout {
-            0 => h.client.try_recv_dispatch(d.bytes_mut()),
-            t if t < 0 => h.client.recv_dispatch(d.bytes_mut(), None),
-            t => h.client.recv_dispatch(d.bytes_mut(), Some(Duration::from_millis(t as u64))),
+        let got = if timeout == 0 {
+            h.client.try_recv_dispatch(d.bytes_mut())
+        } else {
+            // In slices, so that a disconnect from another thread ends the
+            // wait (as the original's closed socket did): CS_ERR_BAD_HANDLE.
+            let end = u64::try_from(timeout).ok().map(|ms| Instant::now() + Duration::from_millis(ms));
+            loop {
+                let left = end.map_or(DISCONNECT_SLICE, |e| e.saturating_duration_since(Instant::now()));
+                match h.client.recv_dispatch(d.bytes_mut(), Some(left.min(DISCONNECT_SLICE))) {
+                    Err(Error::Timeout) if h.closed.load(Ordering::Acquire) => return CS_ERR_BAD_HANDLE,
+                    Err(Error::Timeout) if end.is_none_or(|e| Instant::now() < e) => continue,
+                    other => break other,
+                }
+            }
         };
         if let Err(e) = got {
             return Handle::dispatch_error(&e);

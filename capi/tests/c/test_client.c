@@ -369,6 +369,20 @@ static int run_all(void)
 		      before.exits, after.exits, before.exit_retries, after.exit_retries);
 	}
 
+	/* A disconnect from another thread ends a blocked dispatch_get. */
+	{
+		struct blocked b;
+		pthread_t t;
+		h2 = connect_ok();
+		b.h = h2;
+		b.e = 0;
+		pthread_create(&t, NULL, blocked_dispatch, &b);
+		usleep(20000);
+		coroipcc_service_disconnect(h2);
+		pthread_join(t, NULL);
+		CHECK("disconnect_ends_a_blocked_dispatch_get", b.e == CS_ERR_BAD_HANDLE, "got %d", b.e);
+	}
+
 	/* dispatch_put after the handle was destroyed (finalize from a callback). */
 	{
 		h2 = connect_ok();
