@@ -15,6 +15,34 @@ use crate::sync::{fence, Ordering};
 use crate::wait::{Notify, WaitHandle, WaitPoint};
 
 /// The reading end of a ring. `Send`, not `Sync`: one consumer per ring.
+///
+/// # Examples
+///
+/// ```
+/// use coroipc_ring::{Consumer, PopError, Producer};
+/// # use std::sync::Arc;
+/// # use coroipc_ring::{init, required_size, HeapRegion, Region, RingConfig};
+/// # let region: Arc<dyn Region> = Arc::new(HeapRegion::new(required_size(256)));
+/// # init(&region, 0, region.len(), &RingConfig::new(256)).unwrap();
+///
+/// let mut tx = Producer::attach(region.clone(), 0, region.len()).unwrap();
+/// let mut rx = Consumer::attach(region.clone(), 0, region.len()).unwrap();
+/// assert_eq!(rx.try_pop_vec(), Err(PopError::Empty));
+///
+/// let _ = tx.try_push(b"one").unwrap();
+/// let _ = tx.try_push(b"two").unwrap();
+/// assert_eq!(rx.has_data(), Ok(true)); // looks at the producer position
+/// assert_eq!(rx.pending_bytes(), 32); // two records of 8 + 8 bytes
+///
+/// // A buffer too small for the record leaves it in the ring.
+/// let mut small = [0u8; 2];
+/// assert_eq!(rx.try_pop(&mut small), Err(PopError::BufferTooSmall { needed: 3 }));
+/// let mut buf = [0u8; 8];
+/// assert_eq!(rx.try_pop(&mut buf), Ok(3));
+/// assert_eq!(&buf[..3], b"one");
+/// assert_eq!(rx.try_pop_vec().unwrap(), b"two");
+/// assert_eq!(rx.try_pop_vec(), Err(PopError::Empty));
+/// ```
 #[derive(Debug)]
 pub struct Consumer {
     ring: RingRef,
@@ -125,6 +153,33 @@ impl Consumer {
     ///
     /// [`PopError::Empty`] if nothing is published, [`PopError::Corrupt`]
     /// if the producer wrote something invalid.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroipc_ring::{Consumer, Producer};
+    /// # use std::sync::Arc;
+    /// # use coroipc_ring::{init, required_size, HeapRegion, Region, RingConfig};
+    /// # let region: Arc<dyn Region> = Arc::new(HeapRegion::new(required_size(256)));
+    /// # init(&region, 0, region.len(), &RingConfig::new(256)).unwrap();
+    ///
+    /// let mut tx = Producer::attach(region.clone(), 0, region.len()).unwrap();
+    /// let mut rx = Consumer::attach(region.clone(), 0, region.len()).unwrap();
+    /// let _ = tx.try_push(b"request").unwrap();
+    ///
+    /// // Copy the bytes out before acting on them: the producer's process
+    /// // may still write them.
+    /// let grant = rx.try_peek().unwrap();
+    /// let mut copy = [0u8; 7];
+    /// grant.copy_to(&mut copy);
+    /// assert_eq!(&copy, b"request");
+    /// drop(grant); // not released: the record stays
+    ///
+    /// let grant = rx.try_peek().unwrap();
+    /// assert_eq!(grant.len(), 7);
+    /// let _ = grant.release();
+    /// assert!(rx.try_peek().is_err());
+    /// ```
     #[inline]
     pub fn try_peek(&mut self) -> Result<ReadGrant<'_>, PopError> {
         let layout = self.ring.layout;

@@ -247,6 +247,28 @@ fn locate(region: &dyn Region, offset: usize, len: usize) -> Result<NonNull<u8>,
 /// # Errors
 ///
 /// [`RingInitError`] if the configuration is invalid or does not fit.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use coroipc_ring::{init, required_size, Consumer, HeapRegion, Region, RingAttachError, RingConfig, RingInitError};
+///
+/// let config = RingConfig::new(4096);
+/// let region: Arc<dyn Region> = Arc::new(HeapRegion::new(required_size(config.capacity)));
+///
+/// // Before `init` the memory is not a ring: attaching fails.
+/// let err = Consumer::attach(region.clone(), 0, region.len()).unwrap_err();
+/// assert!(matches!(err, RingAttachError::BadMagic(0)));
+///
+/// // A capacity must be a power of two; nothing is written on error.
+/// let bad = RingConfig::new(1000);
+/// assert_eq!(init(&region, 0, region.len(), &bad), Err(RingInitError::BadCapacity(1000)));
+///
+/// init(&region, 0, region.len(), &config).unwrap();
+/// let rx = Consumer::attach(region.clone(), 0, region.len()).unwrap();
+/// assert_eq!(rx.capacity(), 4096);
+/// ```
 pub fn init(
     region: &Arc<dyn Region>,
     offset: usize,

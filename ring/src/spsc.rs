@@ -62,12 +62,46 @@ pub(crate) fn check_head(ring: &RingRef, head: u64, tail: u64) -> Result<u64, Co
 }
 
 /// The writing end of a single-producer ring. `Send`, not `Sync`.
+///
+/// # Examples
+///
+/// A full ring refuses a record until the consumer releases space; the
+/// producer never blocks and never overwrites unread data.
+///
+/// ```
+/// use coroipc_ring::{Consumer, Producer, PushError};
+/// # use std::sync::Arc;
+/// # use coroipc_ring::{init, required_size, HeapRegion, Region, RingConfig};
+/// # let region: Arc<dyn Region> = Arc::new(HeapRegion::new(required_size(256)));
+/// # init(&region, 0, region.len(), &RingConfig::new(256)).unwrap();
+///
+/// let mut tx = Producer::attach(region.clone(), 0, region.len()).unwrap();
+/// let mut rx = Consumer::attach(region.clone(), 0, region.len()).unwrap();
+/// assert_eq!(tx.capacity(), 256);
+///
+/// // 24-byte records (8-byte header + 16-byte payload): 10 fill 240 of 256 bytes.
+/// let mut sent = 0;
+/// while tx.try_push(&[sent as u8; 16]).is_ok() {
+///     sent += 1;
+/// }
+/// assert_eq!(sent, 10);
+/// assert_eq!(tx.try_push(&[0; 16]), Err(PushError::Full));
+///
+/// let mut buf = [0u8; 16];
+/// assert_eq!(rx.try_pop(&mut buf), Ok(16));
+/// assert_eq!(buf, [0; 16]);
+/// assert!(tx.try_push(&[10; 16]).is_ok()); // room again
+/// ```
 #[derive(Debug)]
 pub struct Producer {
     ring: RingRef,
-    /// Local producer position; equal to the shared `tail` between calls.
+    /// Local producer position; equal to the shared `tail` between calls
+    /// (a reservation moves neither: only `commit` stores `tail`).
+    /// Invariant: `head_cache <= tail`, `tail - head_cache <= capacity`.
     tail: u64,
-    /// Last validated consumer position: never ahead of the real one.
+    /// Last validated consumer position: never ahead of the position the
+    /// consumer has released (so "fits by the cache" implies "fits"); only
+    /// replaced by a fresh load that passed `check_head`.
     head_cache: u64,
 }
 
@@ -123,6 +157,34 @@ impl Producer {
     /// [`PushError::Full`] if the consumer has not freed enough space yet,
     /// [`PushError::TooBig`] if `len` exceeds the maximum record,
     /// [`PushError::Corrupt`] if the consumer position is invalid.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroipc_ring::{Consumer, Producer, PushError};
+    /// # use std::sync::Arc;
+    /// # use coroipc_ring::{init, required_size, HeapRegion, Region, RingConfig};
+    /// # let region: Arc<dyn Region> = Arc::new(HeapRegion::new(required_size(256)));
+    /// # init(&region, 0, region.len(), &RingConfig::new(256)).unwrap();
+    ///
+    /// let mut tx = Producer::attach(region.clone(), 0, region.len()).unwrap();
+    /// let mut rx = Consumer::attach(region.clone(), 0, region.len()).unwrap();
+    ///
+    /// // Fill the record in place, in any order, then publish it.
+    /// let mut grant = tx.try_reserve(11).unwrap();
+    /// grant.write_at(6, b"world");
+    /// grant.write_at(0, b"hello ");
+    /// let _ = grant.commit();
+    /// assert_eq!(rx.try_pop_vec().unwrap(), b"hello world");
+    ///
+    /// // A dropped grant publishes nothing.
+    /// drop(tx.try_reserve(4).unwrap());
+    /// assert!(rx.try_pop_vec().is_err());
+    ///
+    /// // No record exceeds the ring's maximum.
+    /// let max = tx.max_record();
+    /// assert_eq!(tx.try_reserve(max as usize + 1).unwrap_err(), PushError::TooBig { len: max + 1, max });
+    /// ```
     #[inline]
     pub fn try_reserve(&mut self, len: usize) -> Result<WriteGrant<'_>, PushError> {
         let max = self.ring.layout.max_record;

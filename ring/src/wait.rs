@@ -75,6 +75,56 @@ pub trait Notify {
 pub const POLL_WAITER: u32 = 1 << 16;
 
 /// One side's wait point in a ring's shared header.
+///
+/// # Examples
+///
+/// A consumer thread sleeps until data arrives; the producer notifies after
+/// committing. The [`Notify`] backend here is a Mutex+Condvar; the
+/// transport's are futexes and eventfds.
+///
+/// ```
+/// use std::sync::atomic::AtomicU32;
+/// use std::sync::{Condvar, Mutex};
+/// use std::time::Duration;
+/// use coroipc_ring::{Consumer, Notify, Producer};
+/// # use std::sync::Arc;
+/// # use coroipc_ring::{init, required_size, HeapRegion, Region, RingConfig};
+/// # let region: Arc<dyn Region> = Arc::new(HeapRegion::new(required_size(256)));
+/// # init(&region, 0, region.len(), &RingConfig::new(256)).unwrap();
+///
+/// #[derive(Default)]
+/// struct CondvarNotify(Mutex<()>, Condvar);
+///
+/// impl Notify for CondvarNotify {
+///     fn wait(&self, word: &AtomicU32, expected: u32, timeout: Option<Duration>) {
+///         let guard = self.0.lock().unwrap();
+///         // Sleep only if the word still holds `expected` (the futex rule).
+///         if word.load(std::sync::atomic::Ordering::Acquire) == expected {
+///             let _ = self.1.wait_timeout(guard, timeout.unwrap_or(Duration::from_millis(10)));
+///         }
+///     }
+///     fn wake(&self, _word: &AtomicU32) {
+///         let _guard = self.0.lock().unwrap();
+///         self.1.notify_all();
+///     }
+/// }
+///
+/// let notifier = CondvarNotify::default();
+/// let mut tx = Producer::attach(region.clone(), 0, region.len()).unwrap();
+/// let mut rx = Consumer::attach(region.clone(), 0, region.len()).unwrap();
+///
+/// std::thread::scope(|s| {
+///     s.spawn(|| {
+///         let wait = rx.data_wait_handle();
+///         // Announce, re-check, sleep; a wake-up is only a hint, so loop.
+///         while !wait.point().wait_once(&notifier, || rx.has_data_uncached(), None) {}
+///         assert_eq!(rx.try_pop_vec().unwrap(), b"wake up");
+///     });
+///     let _ = tx.try_push(b"wake up").unwrap();
+///     // One fence and one load when nobody sleeps; a wake call otherwise.
+///     tx.data_wait().notify(&notifier);
+/// });
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct WaitPoint<'a> {
     words: &'a WaitWords,
