@@ -131,6 +131,28 @@ impl Segment {
     /// A [`SegmentOpenError`] naming the failed check, or
     /// [`SegmentOpenError::Io`] if a syscall (including `mmap`, e.g. for a
     /// read-only or write-sealed descriptor) fails.
+    ///
+    /// # Examples
+    ///
+    /// A descriptor whose size is not the negotiated one, or that is not a
+    /// sealed memfd at all, is refused before anything is mapped:
+    ///
+    /// ```
+    /// use coroipc_transport::segment::{Segment, SegmentOpenError};
+    /// use std::os::fd::AsFd;
+    ///
+    /// let seg = Segment::create(8192)?;
+    /// let fd = seg.as_fd().try_clone_to_owned()?;
+    /// let err = Segment::from_fd(fd, 4096).unwrap_err();
+    /// assert!(matches!(err, SegmentOpenError::WrongSize { expected: 4096, actual: 8192 }));
+    ///
+    /// let file = std::fs::File::open("/proc/self/status")?;
+    /// assert!(Segment::from_fd(file.into(), 4096).is_err());
+    ///
+    /// let mapped = Segment::from_fd(seg.as_fd().try_clone_to_owned()?, 8192)?;
+    /// assert_eq!(mapped.len(), 8192);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn from_fd(fd: OwnedFd, expected_len: u64) -> Result<Self, SegmentOpenError> {
         if expected_len == 0 || expected_len > MAX_SEGMENT_LEN {
             return Err(SegmentOpenError::BadLength { len: expected_len });

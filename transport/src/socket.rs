@@ -174,6 +174,30 @@ impl std::error::Error for EndpointParseError {}
 /// dropped, but only if the path still names the very socket this listener
 /// created (same device and inode), so a listener never deletes another
 /// server's socket.
+///
+/// # Examples
+///
+/// ```
+/// use coroipc_transport::socket::{Endpoint, Listener, Stream};
+///
+/// // An abstract name (`@…`): nothing on disk.
+/// let endpoint = Endpoint::parse(&format!("@coroipc-doc-listener-{}", std::process::id()))?;
+/// let listener = Listener::bind(&endpoint)?;
+/// assert!(listener.try_accept()?.is_none()); // nonblocking: nobody yet
+///
+/// let client = Stream::connect(&endpoint)?;
+/// let server_side = listener.try_accept()?.expect("the connect is queued");
+///
+/// // Each side learns who the other is from the kernel.
+/// let me = client.peer_credentials()?;
+/// assert_eq!(server_side.peer_credentials()?.pid, Some(std::process::id()));
+/// assert_eq!(me.uid, server_side.peer_credentials()?.uid);
+///
+/// // A second server on the same name is refused.
+/// let err = Listener::bind(&endpoint).unwrap_err();
+/// assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Listener {
     inner: UnixListener,
@@ -388,6 +412,29 @@ fn is_stale_socket(path: &Path) -> bool {
 }
 
 /// A connected Unix stream socket (close-on-exec).
+///
+/// # Examples
+///
+/// Bytes and descriptors travel together; the receiver says how many
+/// descriptors it accepts, and gets them close-on-exec.
+///
+/// ```
+/// use coroipc_transport::eventfd::EventFd;
+/// use coroipc_transport::socket::Stream;
+/// use std::os::fd::AsFd;
+///
+/// let (a, b) = Stream::pair()?;
+/// let bell = EventFd::new()?;
+/// a.send_with_fds(b"bell", &[bell.as_fd()])?;
+///
+/// let mut buf = [0u8; 4];
+/// let mut fds = b.recv_exact_with_fds(&mut buf, 1)?;
+/// assert_eq!(&buf, b"bell");
+/// let received = EventFd::from_fd(fds.remove(0))?;
+/// bell.signal(); // the same eventfd, seen through both descriptors
+/// assert_eq!(received.drain(), 1);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Stream {
     inner: UnixStream,

@@ -239,6 +239,65 @@ impl ClientChannel {
     ///
     /// A [`ConnectError`] for each way it can fail; a hostile server gets
     /// an error, never a panic or a hang past `timeout`.
+    ///
+    /// # Examples
+    ///
+    /// One round trip against a server thread that accepts with
+    /// [`PendingHandshake`](super::PendingHandshake) and echoes one request
+    /// (the rings carry bytes; the message header is the layer above's):
+    ///
+    /// ```
+    /// use std::io::IoSlice;
+    /// use std::time::{Duration, Instant};
+    /// use coroipc_transport::channel::{negotiate, ClientChannel, Limits, PendingHandshake};
+    /// use coroipc_transport::handshake::{ClientHello, RingSizes};
+    /// use coroipc_transport::socket::{Endpoint, Listener};
+    /// use coroipc_transport::waiter::WaitPolicy;
+    ///
+    /// let endpoint = Endpoint::parse(&format!("@coroipc-doc-channel-{}", std::process::id()))?;
+    /// let listener = Listener::bind(&endpoint)?;
+    /// let deadline = Instant::now() + Duration::from_secs(10);
+    ///
+    /// let server = std::thread::spawn(move || {
+    ///     // A real server polls the listener and each pending handshake's
+    ///     // socket; this one retries.
+    ///     let stream = loop {
+    ///         match listener.try_accept().unwrap() {
+    ///             Some(stream) => break stream,
+    ///             None => std::thread::sleep(Duration::from_millis(1)),
+    ///         }
+    ///     };
+    ///     let mut pending = PendingHandshake::new(stream).unwrap();
+    ///     let hello = loop {
+    ///         match pending.poll_hello().unwrap() {
+    ///             Some(hello) => break hello.unwrap(),
+    ///             None => std::thread::sleep(Duration::from_millis(1)),
+    ///         }
+    ///     };
+    ///     assert_eq!(hello.service, 7);
+    ///     let limits = Limits::default();
+    ///     let sizes = negotiate(&hello.sizes, &limits).unwrap();
+    ///     let channel = pending.accept(sizes, &limits).unwrap();
+    ///
+    ///     channel.wait_request(Some(deadline), WaitPolicy::default()).unwrap();
+    ///     let mut request = Vec::new();
+    ///     assert!(channel.try_recv_request(&mut request).unwrap());
+    ///     channel.send_response(&[IoSlice::new(&request)], Duration::from_secs(10)).unwrap();
+    /// });
+    ///
+    /// // Zero sizes ask for the server's defaults.
+    /// let hello = ClientHello { service: 7, flags: 0, sizes: RingSizes::default() };
+    /// let mut client = ClientChannel::connect(&endpoint, &hello, Duration::from_secs(10))?;
+    /// assert_eq!(client.server_credentials().pid, Some(std::process::id()));
+    ///
+    /// let requests = client.requests();
+    /// requests.send(&[IoSlice::new(b"ping")], Some(deadline))?;
+    /// requests.wait_response(Some(deadline))?;
+    /// assert_eq!(requests.peek_response()?, Some(&b"ping"[..]));
+    /// requests.release_response();
+    /// server.join().unwrap();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[doc(alias = "coroipcc_service_connect")]
     pub fn connect(
         endpoint: &Endpoint,
