@@ -240,12 +240,51 @@ impl Connection {
     ///
     /// # Examples
     ///
-    /// ```no_run
-    /// # fn f(conn: &coroipc_server::Connection) {
-    /// // Notify, whatever the client's speed: a slow client's messages
-    /// // wait in the queue (bounded), one too slow is disconnected.
-    /// let _ = conn.dispatch(1, b"changed");
-    /// # }
+    /// A service that greets each client from its connect callback and
+    /// tells every connected client about each change, from whatever
+    /// thread handles the change. A slow client's messages wait in the
+    /// queue (bounded); one too slow is disconnected and told so.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    /// use coroipc_client::Client;
+    /// use coroipc_server::{Connection, Server, ServiceBuilder};
+    ///
+    /// const WELCOME: u32 = 1;
+    /// const CHANGED: u32 = 2;
+    ///
+    /// let watchers: Arc<Mutex<Vec<Connection>>> = Arc::default();
+    /// let (on_connect, on_change) = (watchers.clone(), watchers.clone());
+    /// let service = ServiceBuilder::new(1, move |conn: &Connection| {
+    ///     let _ = conn.dispatch(WELCOME, b"hello"); // from the connect callback too
+    ///     on_connect.lock().unwrap().push(conn.clone());
+    ///     Ok(())
+    /// })
+    /// .handler(0, move |call| {
+    ///     let change = call.payload();
+    ///     // Drop the ones that went away; tell the others.
+    ///     on_change.lock().unwrap().retain(|c| c.dispatch(CHANGED, change).is_ok());
+    ///     let _ = call.respond(b"");
+    /// });
+    ///
+    /// let endpoint = format!("@coroipc-doc-dispatch-{}", std::process::id());
+    /// let (handle, thread) = Server::builder().endpoint(&endpoint).service(service).build()?.spawn()?;
+    ///
+    /// let watcher = Client::connect(&endpoint, 1)?;
+    /// let changer = Client::connect(&endpoint, 1)?;
+    /// changer.call(0, b"x = 1", &mut [])?;
+    ///
+    /// let mut buf = [0u8; 64];
+    /// let timeout = Some(Duration::from_secs(10));
+    /// let info = watcher.recv_dispatch(&mut buf, timeout)?;
+    /// assert_eq!((info.id, info.seq, &buf[..info.len]), (WELCOME, 0, &b"hello"[..]));
+    /// let info = watcher.recv_dispatch(&mut buf, timeout)?;
+    /// assert_eq!((info.id, info.seq, &buf[..info.len]), (CHANGED, 1, &b"x = 1"[..]));
+    ///
+    /// handle.shutdown();
+    /// thread.join().expect("server thread")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     #[doc(alias = "coroipcs_dispatch_send")]
     pub fn dispatch(&self, id: u32, payload: &[u8]) -> Result<(), DispatchError> {

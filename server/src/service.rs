@@ -202,6 +202,43 @@ impl<S, C> Drop for Call<'_, S, C> {
 
 /// A deferred answer to one request, sendable from any thread. Dropping it
 /// without answering answers [`Status::Invalid`].
+///
+/// # Examples
+///
+/// The handler hands the work to another thread and returns at once, so
+/// the event loop goes on serving; the client's call waits for the answer.
+///
+/// ```
+/// use coroipc_client::{Client, Error};
+/// use coroipc_server::{Server, ServiceBuilder};
+///
+/// let slow = ServiceBuilder::new(1, |_| Ok(()))
+///     .handler(0, |call| {
+///         let request = call.payload().to_vec(); // the payload is borrowed from the call
+///         let responder = call.defer();
+///         std::thread::spawn(move || {
+///             let answer: Vec<u8> = request.iter().rev().copied().collect();
+///             let _ = responder.respond(&answer);
+///         });
+///     })
+///     .handler(1, |call| {
+///         // Forgotten: the drop answers "invalid", the client is not left waiting.
+///         drop(call.defer());
+///     });
+///
+/// let endpoint = format!("@coroipc-doc-responder-{}", std::process::id());
+/// let (handle, thread) = Server::builder().endpoint(&endpoint).service(slow).build()?.spawn()?;
+///
+/// let client = Client::connect(&endpoint, 1)?;
+/// let mut buf = [0u8; 16];
+/// let n = client.call(0, b"stressed", &mut buf)?;
+/// assert_eq!(&buf[..n], b"desserts");
+/// assert_eq!(client.call(1, b"", &mut buf), Err(Error::Invalid));
+///
+/// handle.shutdown();
+/// thread.join().expect("server thread")?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct Responder {
     connection: Connection,
@@ -295,6 +332,48 @@ type AdmissionFn<S> = Box<dyn Fn(&Request<'_>, &mut S, &Connection) -> Admission
 /// Describes one service: its id, the per-connection state type `S`, its
 /// callbacks and handlers. Hand it to
 /// [`ServerBuilder::service`](crate::ServerBuilder::service).
+///
+/// # Examples
+///
+/// A running sum per connection: the connect callback makes the state,
+/// command 0 adds to it, an unknown command is answered "invalid", and the
+/// disconnect callback sees the final state.
+///
+/// ```
+/// use std::sync::mpsc;
+/// use std::time::Duration;
+/// use coroipc_client::{Client, Error};
+/// use coroipc_server::{Disconnect, Server, ServiceBuilder, Status};
+///
+/// let (totals, final_totals) = mpsc::channel();
+/// let sum = ServiceBuilder::new(1, |_conn| Ok(0u64))
+///     .handler_result(0, |call| {
+///         let n: [u8; 8] = call.payload().try_into().map_err(|_| Status::Invalid)?;
+///         *call.state() += u64::from_le_bytes(n);
+///         Ok::<_, Status>(call.state().to_le_bytes())
+///     })
+///     .on_disconnect(move |_conn, total| {
+///         let _ = totals.send(*total);
+///         Disconnect::Done
+///     });
+///
+/// let endpoint = format!("@coroipc-doc-service-{}", std::process::id());
+/// let (handle, thread) = Server::builder().endpoint(&endpoint).service(sum).build()?.spawn()?;
+///
+/// let client = Client::connect(&endpoint, 1)?;
+/// let mut buf = [0u8; 8];
+/// client.call(0, &5u64.to_le_bytes(), &mut buf)?;
+/// client.call(0, &7u64.to_le_bytes(), &mut buf)?;
+/// assert_eq!(u64::from_le_bytes(buf), 12);
+/// assert_eq!(client.call(0, b"short", &mut buf), Err(Error::Invalid));
+/// assert_eq!(client.call(9, b"", &mut buf), Err(Error::Invalid)); // no handler
+///
+/// drop(client); // the server notices the hang-up and runs `on_disconnect`
+/// assert_eq!(final_totals.recv_timeout(Duration::from_secs(10))?, 12);
+/// handle.shutdown();
+/// thread.join().expect("server thread")?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct ServiceBuilder<S, C = ()> {
     id: u16,
     connect: ConnectFn<S>,

@@ -28,6 +28,56 @@ pub type AuthFn = dyn Fn(&Credentials, u16) -> Result<(), Refusal> + Send + Sync
 
 /// Builds a [`Server`] (coroipc's `coroipcs_ipc_init` with its
 /// `init_state` callbacks).
+///
+/// # Examples
+///
+/// A configuration mistake is a [`ServerBuildError`] from
+/// [`build`](Self::build), before anything listens; the authentication
+/// decision runs on the kernel's credentials before any memory is created
+/// for a client.
+///
+/// ```
+/// use coroipc_client::{Client, Error};
+/// use coroipc_server::{Refusal, Server, ServerBuildError, ServiceBuilder};
+///
+/// let endpoint = format!("@coroipc-doc-builder-{}", std::process::id());
+/// let service = |id| ServiceBuilder::new(id, |_| Ok(())).handler(0, |call| {
+///     let _ = call.respond(b"ok");
+/// });
+///
+/// let err = Server::builder().service(service(1)).build().unwrap_err();
+/// assert!(matches!(err, ServerBuildError::NoEndpoint));
+/// let err = Server::builder().endpoint(&endpoint).service(service(1)).service(service(1)).build().unwrap_err();
+/// assert!(matches!(err, ServerBuildError::DuplicateService(1)));
+///
+/// const NOBODY: u32 = 65534;
+/// let server = Server::builder()
+///     .endpoint(&endpoint)
+///     .service(service(1))
+///     .service(service(2))
+///     // Anyone may use service 1; only the user `nobody` service 2.
+///     .auth(|peer, service| match service {
+///         2 if peer.uid != NOBODY => Err(Refusal::AccessDenied),
+///         _ => Ok(()),
+///     })
+///     .max_connections(16)
+///     .build()?;
+/// assert!(server.max_connections() <= 16);
+/// let (handle, thread) = server.spawn()?;
+///
+/// let client = Client::connect(&endpoint, 1)?;
+/// let mut buf = [0u8; 8];
+/// assert_eq!(client.call(0, b"", &mut buf)?, 2);
+/// # use std::os::unix::fs::MetadataExt;
+/// # if std::fs::metadata("/proc/self")?.uid() != NOBODY {
+/// assert!(matches!(Client::connect(&endpoint, 2), Err(Error::AccessDenied)));
+/// # }
+/// assert!(matches!(Client::connect(&endpoint, 3), Err(Error::NoSuchService)));
+///
+/// handle.shutdown();
+/// thread.join().expect("server thread")?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[doc(alias = "coroipcs_ipc_init")]
 pub struct ServerBuilder {
     endpoint: Option<Result<Endpoint, String>>,
