@@ -245,6 +245,35 @@ impl Client {
     /// answered by the service, `GuardHeld` if this thread holds a
     /// [`ResponseGuard`] of this client, `Timeout` (only with
     /// [`call_timeout`](Self::call_timeout)).
+    ///
+    /// # Examples
+    ///
+    /// Against an echo service (service 1, command 0) at `endpoint`:
+    ///
+    /// ```
+    /// # use coroipc_server::{Server, ServiceBuilder};
+    /// # let endpoint = format!("@coroipc-doc-call-{}", std::process::id());
+    /// # let echo = ServiceBuilder::new(1, |_| Ok(())).handler(0, |call| {
+    /// #     let payload = call.payload();
+    /// #     let _ = call.respond(payload);
+    /// # });
+    /// # let (handle, thread) = Server::builder().endpoint(&endpoint).service(echo).build()?.spawn()?;
+    /// use coroipc_client::{Client, Error};
+    ///
+    /// let client = Client::connect(&endpoint, 1)?;
+    /// let mut buf = [0u8; 64];
+    /// let n = client.call(0, b"hello", &mut buf)?;
+    /// assert_eq!(&buf[..n], b"hello");
+    ///
+    /// // A response larger than the buffer is kept, not lost.
+    /// let mut small = [0u8; 4];
+    /// assert_eq!(client.call(0, b"too long", &mut small), Err(Error::BufferTooSmall { needed: 8 }));
+    /// let n = client.take_kept_response(&mut buf)?;
+    /// assert_eq!(&buf[..n], b"too long");
+    /// # handle.shutdown();
+    /// # thread.join().expect("server thread")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[doc(alias = "coroipcc_msg_send_reply_receive")]
     pub fn call(&self, command: u16, request: &[u8], response: &mut [u8]) -> Result<usize> {
         self.call_timeout(command, &[IoSlice::new(request)], response, None)
@@ -288,6 +317,35 @@ impl Client {
     /// # Errors
     ///
     /// As [`call_timeout`](Self::call_timeout).
+    ///
+    /// # Examples
+    ///
+    /// Against an echo service (service 1, command 0) at `endpoint`:
+    ///
+    /// ```
+    /// # use coroipc_server::{Server, ServiceBuilder};
+    /// # let endpoint = format!("@coroipc-doc-in-place-{}", std::process::id());
+    /// # let echo = ServiceBuilder::new(1, |_| Ok(())).handler(0, |call| {
+    /// #     let payload = call.payload();
+    /// #     let _ = call.respond(payload);
+    /// # });
+    /// # let (handle, thread) = Server::builder().endpoint(&endpoint).service(echo).build()?.spawn()?;
+    /// use std::io::IoSlice;
+    /// use coroipc_client::{Client, Error};
+    ///
+    /// let client = Client::connect(&endpoint, 1)?;
+    /// let parts = [IoSlice::new(b"zero-"), IoSlice::new(b"copy")];
+    /// let response = client.call_in_place(0, &parts, None)?;
+    /// assert_eq!(&*response, b"zero-copy"); // read in the shared ring
+    ///
+    /// // While this thread holds the guard, a call would wait for itself.
+    /// assert_eq!(client.call(0, b"", &mut []), Err(Error::GuardHeld));
+    /// drop(response); // releases the response's space
+    /// assert_eq!(client.call(0, b"", &mut []), Ok(0));
+    /// # handle.shutdown();
+    /// # thread.join().expect("server thread")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[doc(alias = "coroipcc_msg_send_reply_receive_in_buf")]
     pub fn call_in_place(
         &self,
@@ -325,6 +383,38 @@ impl Client {
     /// `TryAgain` if `max_in_flight` requests are outstanding or (with a
     /// zero timeout) the ring is full or request flow control is on;
     /// `Timeout`, `TooBig`, `Disconnected`, `GuardHeld`.
+    ///
+    /// # Examples
+    ///
+    /// Three requests in flight, collected in any order (against an echo
+    /// service at `endpoint`):
+    ///
+    /// ```
+    /// # use coroipc_server::{Server, ServiceBuilder};
+    /// # let endpoint = format!("@coroipc-doc-send-{}", std::process::id());
+    /// # let echo = ServiceBuilder::new(1, |_| Ok(())).handler(0, |call| {
+    /// #     let payload = call.payload();
+    /// #     let _ = call.respond(payload);
+    /// # });
+    /// # let (handle, thread) = Server::builder().endpoint(&endpoint).service(echo).build()?.spawn()?;
+    /// use std::time::Duration;
+    /// use coroipc_client::Client;
+    ///
+    /// let client = Client::connect(&endpoint, 1)?;
+    /// let timeout = Some(Duration::from_secs(10));
+    /// let tickets: Vec<_> = (0..3u8).map(|i| client.send(0, &[i], timeout)).collect::<Result<_, _>>()?;
+    /// assert_eq!(client.in_flight(), 3);
+    ///
+    /// let mut buf = [0u8; 1];
+    /// for (i, ticket) in tickets.into_iter().enumerate().rev() {
+    ///     assert_eq!(client.wait(ticket, &mut buf, timeout)?, 1);
+    ///     assert_eq!(buf[0], i as u8); // each ticket gets its own answer
+    /// }
+    /// assert_eq!(client.in_flight(), 0);
+    /// # handle.shutdown();
+    /// # thread.join().expect("server thread")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn send(&self, command: u16, request: &[u8], timeout: Option<Duration>) -> Result<Ticket> {
         self.send_vectored(command, &[IoSlice::new(request)], timeout)
     }
@@ -541,6 +631,41 @@ impl Client {
     ///
     /// As [`try_recv_dispatch`](Self::try_recv_dispatch), with `Timeout`
     /// instead of `TryAgain`.
+    ///
+    /// # Examples
+    ///
+    /// Against a service at `endpoint` whose command 1 dispatches its
+    /// payload back to the caller as message 7:
+    ///
+    /// ```
+    /// # use coroipc_server::{Server, ServiceBuilder};
+    /// # let endpoint = format!("@coroipc-doc-recv-dispatch-{}", std::process::id());
+    /// # let echo = ServiceBuilder::new(1, |_| Ok(())).handler(0, |call| {
+    /// #     let payload = call.payload();
+    /// #     let _ = call.respond(payload);
+    /// # }).handler(1, |call| {
+    /// #     let _ = call.connection().dispatch(7, call.payload());
+    /// #     let _ = call.respond(b"");
+    /// # });
+    /// # let (handle, thread) = Server::builder().endpoint(&endpoint).service(echo).build()?.spawn()?;
+    /// use std::time::Duration;
+    /// use coroipc_client::{Client, Error};
+    ///
+    /// let client = Client::connect(&endpoint, 1)?;
+    /// let mut buf = [0u8; 64];
+    /// // Nothing dispatched yet: the wait ends at the timeout.
+    /// let short = Some(Duration::from_millis(10));
+    /// assert_eq!(client.recv_dispatch(&mut buf, short), Err(Error::Timeout));
+    /// assert_eq!(client.try_recv_dispatch(&mut buf), Err(Error::TryAgain));
+    ///
+    /// client.call(1, b"news", &mut [])?;
+    /// let info = client.recv_dispatch(&mut buf, Some(Duration::from_secs(10)))?;
+    /// assert_eq!((info.id, info.seq), (7, 0));
+    /// assert_eq!(&buf[..info.len], b"news");
+    /// # handle.shutdown();
+    /// # thread.join().expect("server thread")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn recv_dispatch(&self, buf: &mut [u8], timeout: Option<Duration>) -> Result<DispatchInfo> {
         // The common case — a message is waiting — reads no clock.
         match self.recv_dispatch_spin(buf, Duration::ZERO, None, true) {

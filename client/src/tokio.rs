@@ -170,6 +170,33 @@ impl AsyncClient {
     ///
     /// As [`Client::call`](crate::Client::call); `Disconnected(reason)`
     /// when the server goes away.
+    ///
+    /// # Examples
+    ///
+    /// Concurrent calls over one connection on a current-thread runtime
+    /// (against an echo service at `endpoint`):
+    ///
+    /// ```
+    /// # use coroipc_server::{Server, ServiceBuilder};
+    /// # let endpoint = format!("@coroipc-doc-async-call-{}", std::process::id());
+    /// # let echo = ServiceBuilder::new(1, |_| Ok(())).handler(0, |call| {
+    /// #     let payload = call.payload();
+    /// #     let _ = call.respond(payload);
+    /// # });
+    /// # let (handle, thread) = Server::builder().endpoint(&endpoint).service(echo).build()?.spawn()?;
+    /// use coroipc_client::AsyncClient;
+    ///
+    /// let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    /// runtime.block_on(async {
+    ///     let client = AsyncClient::connect(&endpoint, 1).await?;
+    ///     let (a, b) = tokio::join!(client.call(0, b"one"), client.call(0, b"two"));
+    ///     assert_eq!((a?, b?), (b"one".to_vec(), b"two".to_vec()));
+    ///     Ok::<_, coroipc_client::Error>(())
+    /// })?;
+    /// # handle.shutdown();
+    /// # thread.join().expect("server thread")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub async fn call(&self, command: u16, request: &[u8]) -> Result<Vec<u8>> {
         let seq = self.send_seq(command, 0, request).await?;
         let mut abandon = Abandon { client: self, seq: Some(seq) };
