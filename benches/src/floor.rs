@@ -202,7 +202,7 @@ pub fn pong(
             Kind::Spin => {
                 std::hint::spin_loop();
                 idle = idle.wrapping_add(1);
-                if idle % (1 << 20) == 0 && gone() {
+                if idle.is_multiple_of(1 << 20) && gone() {
                     return None;
                 }
             }

@@ -132,7 +132,7 @@ fn raise_slow(ring: &RingRef, w: Watermarks, tail: u64, refresh: impl FnOnce(u64
     let Some(f) = fill(head) else {
         return FlowChange::None; // corrupt head: the next reserve reports it
     };
-    if tail.wrapping_sub(head) <= ring.layout.capacity && head % 8 == 0 {
+    if tail.wrapping_sub(head) <= ring.layout.capacity && head.is_multiple_of(8) {
         refresh(head); // a valid head no further than `tail`
     }
     if f < w.high {

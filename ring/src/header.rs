@@ -49,7 +49,7 @@ pub const MAX_POSITION: u64 = 1 << 62;
 /// [`MAX_POSITION`].
 #[inline]
 pub(crate) fn positions_ok(head: u64, tail: u64, capacity: u64) -> bool {
-    head <= tail && tail - head <= capacity && tail <= MAX_POSITION && (head | tail) % 8 == 0
+    head <= tail && tail - head <= capacity && tail <= MAX_POSITION && (head | tail).is_multiple_of(8)
 }
 
 /// One 128-byte line: keeps the fields written by different sides apart so
@@ -282,7 +282,7 @@ pub fn init(
     }
     let base = locate(&**region, offset, len)
         .map_err(|(needed, actual)| RingInitError::RegionTooSmall { needed, actual })?;
-    if (base.as_ptr() as usize) % REGION_ALIGN != 0 {
+    if !(base.as_ptr() as usize).is_multiple_of(REGION_ALIGN) {
         return Err(RingInitError::Misaligned);
     }
     let (high, low) = config.watermarks.map_or((0, 0), |w| (w.high, w.low));
@@ -326,7 +326,7 @@ impl RingRef {
         }
         let base = locate(&*region, offset, len)
             .map_err(|(needed, actual)| RingAttachError::RegionTooSmall { needed, actual })?;
-        if (base.as_ptr() as usize) % REGION_ALIGN != 0 {
+        if !(base.as_ptr() as usize).is_multiple_of(REGION_ALIGN) {
             return Err(RingAttachError::Misaligned);
         }
         let header = base.cast::<RingHeader>();

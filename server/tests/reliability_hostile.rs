@@ -316,7 +316,7 @@ fn flood_noread_mode(ep: &str, _arg: &str, _control: Receiver<String>) {
     let mut reported = false;
     loop {
         seq += 1;
-        let cmd = if seq % 2 == 0 { CMD_TICKLE } else { CMD_ECHO };
+        let cmd = if seq.is_multiple_of(2) { CMD_TICKLE } else { CMD_ECHO };
         let pushed = raw.requests.try_push(&message(cmd, seq, &u32s(&[64, 0, 0, 0]))).is_ok();
         raw.request_bell.signal();
         if !pushed {

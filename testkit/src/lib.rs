@@ -163,7 +163,7 @@ impl Garbage {
         const INTERESTING: [u64; 12] =
             [0, 1, 7, 8, 4095, 4096, 1 << 32, 1 << 63, u64::MAX, u64::MAX - 7, 0xffff_ffff, 0x1_0000_0008];
         let r = self.next();
-        if r % 2 == 0 {
+        if r.is_multiple_of(2) {
             INTERESTING[(r >> 8) as usize % INTERESTING.len()]
         } else {
             self.next()

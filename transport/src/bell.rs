@@ -71,7 +71,7 @@ impl Notify for Bell {
     }
 
     fn wake_waiters(&self, word: &AtomicU32, waiters: u32) {
-        if waiters % POLL_WAITER != 0 {
+        if !waiters.is_multiple_of(POLL_WAITER) {
             futex::wake_all(word);
         }
         if waiters >= POLL_WAITER {

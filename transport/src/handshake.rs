@@ -114,7 +114,7 @@ pub const MAX_MESSAGE_BYTES: u32 = MAX_RING_BYTES;
 /// memory, where this is one of the wire format).
 pub const LAYOUT_ALIGN: u64 = 128;
 
-const _: () = assert!(LAYOUT_ALIGN as usize % coroipc_ring::REGION_ALIGN == 0);
+const _: () = assert!((LAYOUT_ALIGN as usize).is_multiple_of(coroipc_ring::REGION_ALIGN));
 
 /// The hello flag bits defined in this version (none).
 const KNOWN_HELLO_FLAGS: u32 = 0;

@@ -216,7 +216,7 @@ impl Segment {
     #[inline]
     pub fn atomic_u32(&self, offset: usize) -> &AtomicU32 {
         assert!(
-            offset % 4 == 0 && offset.checked_add(4).is_some_and(|end| end <= self.len),
+            offset.is_multiple_of(4) && offset.checked_add(4).is_some_and(|end| end <= self.len),
             "atomic_u32 offset {offset} misaligned or out of the segment"
         );
         // SAFETY: the mapping is page-aligned and `offset` is 4-aligned, so
@@ -235,7 +235,7 @@ impl Segment {
     #[inline]
     pub fn atomic_u64(&self, offset: usize) -> &AtomicU64 {
         assert!(
-            offset % 8 == 0 && offset.checked_add(8).is_some_and(|end| end <= self.len),
+            offset.is_multiple_of(8) && offset.checked_add(8).is_some_and(|end| end <= self.len),
             "atomic_u64 offset {offset} misaligned or out of the segment"
         );
         // SAFETY: as in `atomic_u32`, with 8-byte alignment: the mapping is

@@ -153,7 +153,7 @@ pub fn spin_until(ready: &mut impl FnMut() -> bool, budget: Duration) -> bool {
             return true;
         }
         i = i.wrapping_add(1);
-        if i % 16 == 0 {
+        if i.is_multiple_of(16) {
             let elapsed = start.elapsed();
             if elapsed >= budget {
                 return false;

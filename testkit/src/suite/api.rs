@@ -418,7 +418,7 @@ fn storm(conn: Connection, n: u32, size: usize, threads: u32) {
                     msg[4..12].copy_from_slice(&i.to_le_bytes());
                     let mut attempt = 0u64;
                     loop {
-                        let r = if attempt % 2 == 0 {
+                        let r = if attempt.is_multiple_of(2) {
                             conn.try_dispatch(DISPATCH_STORM, &msg)
                         } else {
                             conn.dispatch_vectored_timeout(

@@ -490,7 +490,7 @@ fn storm(conn: Connection, n: u32, every: u32) {
     for i in 0..u64::from(n) {
         let p = storm_payload(i, every, max);
         loop {
-            let r = if again % 2 == 0 {
+            let r = if again.is_multiple_of(2) {
                 conn.try_dispatch(DISPATCH_STORM, &p)
             } else {
                 conn.dispatch_vectored_timeout(DISPATCH_STORM, &[IoSlice::new(&p)], Duration::from_secs(10))
@@ -499,7 +499,7 @@ fn storm(conn: Connection, n: u32, every: u32) {
                 Ok(()) => break,
                 Err(DispatchError::TryAgain) | Err(DispatchError::Timeout) => {
                     again += 1;
-                    if again % 2 == 0 {
+                    if again.is_multiple_of(2) {
                         std::thread::yield_now();
                     }
                 }
@@ -739,7 +739,7 @@ fn storm_reader_mode(ep: &str, arg: &str, _control: Receiver<String>) {
         if got == 10 {
             report("READY", &format!("id={id} pid={} seq={}", std::process::id(), info.seq));
         }
-        if got % 64 == 0 {
+        if got.is_multiple_of(64) {
             std::thread::sleep(Duration::from_millis(1));
         }
     }
