@@ -64,10 +64,14 @@ pub struct Consumer {
 #[derive(Debug)]
 pub struct ReadGrant<'a> {
     consumer: &'a mut Consumer,
-    /// Index of the payload in the data area.
+    /// Index of the payload in the data area. Invariant (validated by
+    /// `try_peek` before the grant exists): `offset + len <= capacity`, so
+    /// every access through the grant stays inside the data area.
     offset: usize,
+    /// Payload length. Invariant: `len <= max_record` (the local copy).
     len: usize,
-    /// Consumer position after this record.
+    /// Consumer position after this record. Invariant:
+    /// `next <= tail_cache`: the whole record is published.
     next: u64,
 }
 

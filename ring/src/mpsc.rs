@@ -104,9 +104,16 @@ pub struct MpscProducer {
 #[derive(Debug)]
 pub struct MpscWriteGrant<'a> {
     shared: &'a Shared,
+    /// Start of the span `start..start + plan.advance` this grant claimed
+    /// alone (the claim CAS moved `claim` from `start` past it).
     start: u64,
+    /// Where the record goes inside the span.
     plan: Plan,
+    /// Payload length. Invariant: `len <= max_record`.
     len: usize,
+    /// Whether `commit` published the span. Invariant: the span is
+    /// published exactly once, by `commit` or else by `drop` (as padding),
+    /// so the producers behind it never wait forever.
     done: bool,
 }
 

@@ -110,7 +110,11 @@ pub struct Producer {
 #[derive(Debug)]
 pub struct WriteGrant<'a> {
     producer: &'a mut Producer,
+    /// Where the record goes. Invariant (checked by `try_reserve`):
+    /// `tail - head_cache + plan.advance <= capacity`, so the span holds no
+    /// unread byte.
     plan: Plan,
+    /// Payload length. Invariant: `len <= max_record`.
     len: usize,
 }
 

@@ -73,11 +73,18 @@ type DrainedFn = Box<dyn FnOnce(&Connection) + Send>;
 
 /// The queue proper, under the connection's dispatch lock.
 pub(crate) struct Queue {
-    /// The sequence number of the next accepted message.
+    /// The sequence number of the next accepted message. A message is
+    /// numbered when it is accepted (pushed into the ring or queued), so
+    /// numbers are never skipped and never reused.
     next_seq: u64,
-    /// Encoded messages (header included), oldest first.
+    /// Encoded messages (header included), oldest first. Invariant: they
+    /// carry consecutive sequence numbers ending at `next_seq - 1`, and
+    /// nothing of this connection is pushed into the ring while one waits
+    /// here (so the client receives them in number order).
     messages: VecDeque<Vec<u8>>,
-    /// Bytes in `messages`.
+    /// Bytes in `messages`. Invariant: at most the service's
+    /// `max_queued_bytes`, except for a single message admitted into an
+    /// empty queue (so any message the connection can carry gets through).
     bytes: usize,
     /// Whether a drainer thread is running for this connection.
     drainer: bool,
