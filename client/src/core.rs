@@ -17,14 +17,20 @@ use crate::error::{Error, Result};
 /// sleep (except by a [`ResponseGuard`]).
 pub(crate) struct Core {
     pub(crate) channel: ClientRequests,
+    /// The next request's sequence number: starts at 1 and only increases,
+    /// so no two requests of a connection share one and a late answer can
+    /// never be taken for a later request's.
     pub(crate) next_seq: u64,
     /// Every request whose answer someone still waits for: calls and
     /// tickets. An answer to anything else (a call that timed out, a
     /// sequence number never sent) is dropped, so the stash stays bounded.
     pub(crate) wanted: HashSet<u64>,
     /// Pipelined requests (tickets) whose response has not been collected.
+    /// Invariant (whenever the lock is free): `outstanding ⊆ wanted`.
     pub(crate) outstanding: HashSet<u64>,
     /// Answers that arrived before their caller looked: (status, payload).
+    /// Invariant: every key is in `wanted` (an answer is only stashed for
+    /// someone who waits for it, and leaves with its `wanted` entry).
     pub(crate) arrived: HashMap<u64, (Status, Vec<u8>)>,
     pub(crate) max_in_flight: usize,
     /// The response of the last synchronous call that did not fit the
