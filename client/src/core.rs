@@ -26,7 +26,8 @@ pub(crate) struct Core {
     /// sequence number never sent) is dropped, so the stash stays bounded.
     pub(crate) wanted: HashSet<u64>,
     /// Pipelined requests (tickets) whose response has not been collected.
-    /// Invariant (whenever the lock is free): `outstanding ⊆ wanted`.
+    /// Each is in `wanted` until its answer is taken (the async client's
+    /// `wait` removes it from here just after).
     pub(crate) outstanding: HashSet<u64>,
     /// Answers that arrived before their caller looked: (status, payload).
     /// Invariant: every key is in `wanted` (an answer is only stashed for
