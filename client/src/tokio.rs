@@ -71,6 +71,13 @@ impl ClientBuilder {
     /// Connects an [`AsyncClient`] (the handshake runs on a blocking
     /// thread).
     ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the connect: the handshake already
+    /// under way finishes on its blocking thread (within the builder's
+    /// timeout) and the connection it made, if any, is closed at once; the
+    /// server sees a client that connected and left.
+    ///
     /// # Errors
     ///
     /// As [`ClientBuilder::connect`].
@@ -140,6 +147,10 @@ impl Drop for Armed<'_> {
 
 impl AsyncClient {
     /// Connects to `service` at `endpoint` with default sizes.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`ClientBuilder::connect_async`].
     ///
     /// # Errors
     ///
