@@ -79,7 +79,7 @@ struct Shared {
 ///         let tx = tx.clone();
 ///         s.spawn(move || {
 ///             for i in 0..100u8 {
-///                 // 1600 bytes in all: never full, so `try_push` always succeeds.
+///                 // 400 records of 16 bytes fill 6400 of 65536: never full.
 ///                 let _ = tx.try_push(&[thread, i]).unwrap();
 ///             }
 ///         });
