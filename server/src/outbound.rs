@@ -250,7 +250,8 @@ impl Connection {
     /// A service that greets each client from its connect callback and
     /// tells every connected client about each change, from whatever
     /// thread handles the change. A slow client's messages wait in the
-    /// queue (bounded); one too slow is disconnected and told so.
+    /// queue (1 MiB by default); one too slow for that is disconnected and
+    /// told so (the default [`OverflowPolicy::Disconnect`]).
     ///
     /// ```
     /// use std::sync::{Arc, Mutex};
