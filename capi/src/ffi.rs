@@ -182,6 +182,24 @@ impl AlignedBuf {
     }
 }
 
+/// The `len` bytes at `ptr` as a slice (empty for `len` 0, whatever
+/// `ptr` is); `None` for a null `ptr` with a length.
+///
+/// # Safety
+///
+/// With `len > 0` and `ptr` not null, `ptr` must be readable for `len`
+/// bytes for `'a`, as the C caller promises.
+pub unsafe fn bytes<'a>(ptr: *const libc::c_void, len: libc::size_t) -> Option<&'a [u8]> {
+    if len == 0 {
+        return Some(&[]);
+    }
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: readable for `len` bytes, as the caller promises.
+    Some(unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), len) })
+}
+
 /// Runs `f`, turning a panic into `on_panic` (nothing unwinds into C).
 pub fn guard<T>(on_panic: T, f: impl FnOnce() -> T) -> T {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(on_panic)

@@ -700,13 +700,11 @@ pub unsafe extern "C" fn coroipcs_response_send(
     mlen: libc::size_t,
 ) -> libc::c_int {
     ffi::guard(-1, || {
-        if conn.is_null() || (msg.is_null() && mlen > 0) {
+        // SAFETY: `msg` readable for `mlen` bytes, as the caller promises.
+        let Some(bytes) = (unsafe { ffi::bytes(msg, mlen) }) else { return -1 };
+        if conn.is_null() {
             return -1;
         }
-        // SAFETY: readable, as the caller promises (empty for len 0).
-        let bytes =
-            // SAFETY: readable for mlen bytes, as the caller promises.
-            if mlen == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), mlen) } };
         // SAFETY: a live block, as the caller promises.
         answer(unsafe { &*conn.cast::<ConnInfo>() }, &[IoSlice::new(bytes)])
     })
@@ -769,13 +767,11 @@ pub unsafe extern "C" fn coroipcs_dispatch_send(
     mlen: libc::size_t,
 ) -> libc::c_int {
     ffi::guard(-1, || {
-        if conn.is_null() || (msg.is_null() && mlen > 0) {
+        // SAFETY: `msg` readable for `mlen` bytes, as the caller promises.
+        let Some(bytes) = (unsafe { ffi::bytes(msg, mlen) }) else { return -1 };
+        if conn.is_null() {
             return -1;
         }
-        // SAFETY: readable, as the caller promises (empty for len 0).
-        let bytes =
-            // SAFETY: readable for mlen bytes, as the caller promises.
-            if mlen == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(msg.cast::<u8>(), mlen) } };
         dispatch(conn, &[IoSlice::new(bytes)])
     })
 }
