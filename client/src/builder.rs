@@ -142,8 +142,6 @@ impl ClientBuilder {
             arrived: HashMap::new(),
             max_in_flight: self.max_in_flight,
             kept: None,
-            sleeper: false,
-            followers: 0,
             stashed: false,
             async_waiters: 0,
         };

@@ -2,7 +2,7 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use coroipc_ring::FlowState;
@@ -60,6 +60,9 @@ pub(crate) struct Parts {
 pub struct Client {
     core: Mutex<Core>,
     bulletin: Bulletin,
+    /// Calls that gave up without the request lock (`abandon_later`).
+    abandoned: Mutex<Vec<u64>>,
+    has_abandoned: AtomicBool,
     dispatch: Mutex<ClientDispatch>,
     status: ClientStatus,
     /// The token of the thread holding a [`ResponseGuard`] (0: none).
@@ -87,6 +90,8 @@ impl Client {
         Ok(Client {
             core: Mutex::new(parts.core),
             bulletin: Bulletin::default(),
+            abandoned: Mutex::new(Vec::new()),
+            has_abandoned: AtomicBool::new(false),
             dispatch: Mutex::new(parts.dispatch),
             status: parts.status,
             response_guard: AtomicU64::new(0),
@@ -125,15 +130,39 @@ impl Client {
             return Err(Error::GuardHeld);
         }
         if let Some(core) = self.core.try_lock() {
-            return Ok(core);
+            return Ok(self.tidy(core));
         }
         if deadline.is_now() {
             return Err(Error::TryAgain);
         }
-        match deadline.get() {
-            None => Ok(self.core.lock()),
-            Some(d) => self.core.try_lock_until(d).ok_or(Error::Timeout),
+        self.relock(deadline.get())
+    }
+
+    /// The request lock, waiting until `at` at most (`None`: forever).
+    fn relock(&self, at: Option<Instant>) -> Result<MutexGuard<'_, Core>> {
+        let core = match at {
+            None => self.core.lock(),
+            Some(d) => self.core.try_lock_until(d).ok_or(Error::Timeout)?,
+        };
+        Ok(self.tidy(core))
+    }
+
+    /// Forgets the calls that gave up while they did not hold the lock
+    /// (their late answers are then dropped).
+    fn tidy<'a>(&'a self, mut core: MutexGuard<'a, Core>) -> MutexGuard<'a, Core> {
+        if self.has_abandoned.load(Ordering::Acquire) {
+            self.has_abandoned.store(false, Ordering::Relaxed);
+            for seq in std::mem::take(&mut *self.abandoned.lock()) {
+                core.abandon(seq);
+            }
         }
+        core
+    }
+
+    /// Forgets call `seq` at the next taking of the request lock.
+    fn abandon_later(&self, seq: u64) {
+        self.abandoned.lock().push(seq);
+        self.has_abandoned.store(true, Ordering::Release);
     }
 
     /// The dispatch lock, waiting no longer than `deadline`.
@@ -150,36 +179,45 @@ impl Client {
         }
     }
 
-    /// Waits for the answer to `seq`, re-taking the request lock (bounded
-    /// by the deadline) after every sleep.
+    /// Waits for the answer to `seq`; returns it with the request lock
+    /// held. The lock is re-taken after every sleep, never past the
+    /// deadline; an error may come without it.
     fn await_answer<'a>(
         &'a self,
-        core: &mut MutexGuard<'a, Core>,
+        mut core: MutexGuard<'a, Core>,
         seq: u64,
         deadline: &mut Deadline,
-    ) -> Result<Answer> {
+    ) -> Result<(MutexGuard<'a, Core>, Answer)> {
         loop {
             let found = core.find(seq);
-            self.post_stashed(core);
+            self.post_stashed(&mut core);
             if let Some(answer) = found? {
-                return Ok(answer);
+                return Ok((core, answer));
             }
             if deadline.is_now() {
                 return Err(Error::Timeout);
             }
-            match self.sleep_for_answers(core, deadline) {
-                // One last look: the answer may have been stashed for us
-                // just as the deadline passed.
-                Err(Error::Timeout) => return core.find(seq)?.ok_or(Error::Timeout),
-                other => other?,
-            }
+            core = match self.sleep_for_answers(core, deadline) {
+                Ok(core) => core,
+                // One last look, if the lock is free: the answer may have
+                // been stashed for us just as the deadline passed.
+                Err(Error::Timeout) => {
+                    let Some(core) = self.core.try_lock() else { return Err(Error::Timeout) };
+                    let mut core = self.tidy(core);
+                    return match core.find(seq)? {
+                        Some(answer) => Ok((core, answer)),
+                        None => Err(Error::Timeout),
+                    };
+                }
+                Err(e) => return Err(e),
+            };
         }
     }
 
     /// Wakes the threads waiting on the bulletin if answers were stashed
     /// for them.
     fn post_stashed(&self, core: &mut Core) {
-        if std::mem::take(&mut core.stashed) && core.followers > 0 {
+        if std::mem::take(&mut core.stashed) {
             self.bulletin.post();
         }
     }
@@ -195,13 +233,7 @@ impl Client {
     ) -> Result<(MutexGuard<'_, Core>, Answer)> {
         let mut core = self.core(deadline)?;
         let seq = core.send(command, 0, request, deadline)?;
-        match self.await_answer(&mut core, seq, deadline) {
-            Ok(answer) => Ok((core, answer)),
-            Err(e) => {
-                core.abandon(seq);
-                Err(e)
-            }
-        }
+        self.await_answer(core, seq, deadline).inspect_err(|_| self.abandon_later(seq))
     }
 
     /// The server's credentials, from the kernel (check them to be sure you
@@ -472,11 +504,11 @@ impl Client {
     /// outstanding; `Timeout` (the ticket stays outstanding).
     pub fn wait(&self, ticket: Ticket, response: &mut [u8], timeout: Option<Duration>) -> Result<usize> {
         let mut deadline = Deadline::new(timeout);
-        let mut core = self.core(&mut deadline)?;
+        let core = self.core(&mut deadline)?;
         if !core.outstanding.contains(&ticket.0) {
             return Err(Error::Invalid);
         }
-        let answer = self.await_answer(&mut core, ticket.0, &mut deadline)?;
+        let (mut core, answer) = self.await_answer(core, ticket.0, &mut deadline)?;
         core.outstanding.remove(&ticket.0);
         core.copy_answer(ticket.0, answer, response, true)
     }
@@ -520,40 +552,43 @@ impl Client {
             if deadline.is_now() {
                 return Err(Error::Timeout);
             }
-            self.sleep_for_answers(&mut core, &mut deadline)?;
+            core = self.sleep_for_answers(core, &mut deadline)?;
         }
     }
 
-    /// One sleep while waiting for answers; returns when something may
-    /// have arrived. One waiter (the sleeper) sleeps on the response ring
-    /// without a lock; the others wait on the bulletin for it to stash
-    /// their answers or to leave its seat.
+    /// One sleep while waiting for answers; returns, with the request lock
+    /// re-taken, when something may have arrived. One waiter (the sleeper)
+    /// sleeps on the response ring; the others wait on the bulletin for it
+    /// to stash their answers or to leave its seat. Nobody holds the
+    /// request lock while sleeping, and re-taking it never waits past the
+    /// deadline (a thread holding a [`ResponseGuard`] delays nobody's
+    /// timeout).
     fn sleep_for_answers<'a>(
         &'a self,
-        core: &mut MutexGuard<'a, Core>,
+        core: MutexGuard<'a, Core>,
         deadline: &mut Deadline,
-    ) -> Result<()> {
+    ) -> Result<MutexGuard<'a, Core>> {
         let at = deadline.get();
-        if !core.sleeper {
-            core.sleeper = true;
-            let position = core.channel.response_position();
-            let policy = core.channel.wait_policy();
-            let slept = MutexGuard::unlocked(core, || self.status.wait_response_past(position, at, policy));
-            core.sleeper = false;
-            if core.followers > 0 {
-                self.bulletin.post();
+        match self.bulletin.take_seat() {
+            Seat::Sleeper => {
+                // Positions only grow: an answer published between this
+                // reading and the sleep ends the sleep at once.
+                let position = core.channel.response_position();
+                let policy = core.channel.wait_policy();
+                drop(core);
+                let slept = self.status.wait_response_past(position, at, policy);
+                self.bulletin.leave_seat();
+                slept?;
             }
-            slept?;
-        } else {
-            let seen = self.bulletin.seen();
-            core.followers += 1;
-            MutexGuard::unlocked(core, || self.bulletin.wait(seen, at));
-            core.followers -= 1;
-            if at.is_some_and(|d| Instant::now() >= d) {
-                return Err(Error::Timeout);
+            Seat::Follower(seen) => {
+                drop(core);
+                self.bulletin.wait(seen, at);
+                if at.is_some_and(|d| Instant::now() >= d) {
+                    return Err(Error::Timeout);
+                }
             }
         }
-        Ok(())
+        self.relock(at)
     }
 
     /// The response of the last [`call`](Self::call) that failed with
@@ -766,38 +801,82 @@ impl Client {
     }
 }
 
-/// Wakes the threads that wait for answers someone else read (or for the
-/// sleeper's seat): a counter behind its own small lock, so a waiter's
-/// timeout never depends on the request lock.
+/// Who sleeps for answers, and the posts that wake the others: behind
+/// its own small lock (never held across a sleep), so seats change and
+/// waiters wake without the request lock, and a waiter's timeout never
+/// depends on it.
 #[derive(Debug, Default)]
 struct Bulletin {
-    posts: Mutex<u64>,
+    seats: Mutex<Seats>,
     posted: Condvar,
 }
 
+/// The bulletin's state.
+#[derive(Debug, Default)]
+struct Seats {
+    /// Bumped for every post (an answer stashed, the sleeper's seat freed).
+    posts: u64,
+    /// A thread sleeps on the response ring for everyone.
+    sleeper: bool,
+    /// Threads waiting for a post.
+    followers: usize,
+}
+
+/// The part a waiting thread takes.
+enum Seat {
+    /// It sleeps on the response ring; it must [`Bulletin::leave_seat`].
+    Sleeper,
+    /// It waits for a post after this count ([`Bulletin::wait`]).
+    Follower(u64),
+}
+
 impl Bulletin {
-    fn seen(&self) -> u64 {
-        *self.posts.lock()
+    /// The sleeper's seat if it is free, else a place among the followers.
+    fn take_seat(&self) -> Seat {
+        let mut seats = self.seats.lock();
+        if seats.sleeper {
+            seats.followers += 1;
+            Seat::Follower(seats.posts)
+        } else {
+            seats.sleeper = true;
+            Seat::Sleeper
+        }
     }
 
+    /// Frees the sleeper's seat and wakes the followers (one takes it).
+    fn leave_seat(&self) {
+        let mut seats = self.seats.lock();
+        seats.sleeper = false;
+        if seats.followers > 0 {
+            seats.posts += 1;
+            self.posted.notify_all();
+        }
+    }
+
+    /// Wakes the followers (answers were stashed for some of them).
     fn post(&self) {
-        *self.posts.lock() += 1;
-        self.posted.notify_all();
+        let mut seats = self.seats.lock();
+        if seats.followers > 0 {
+            seats.posts += 1;
+            self.posted.notify_all();
+        }
     }
 
-    /// Waits until something is posted after `seen`, or the deadline.
+    /// A follower waits until something is posted after `seen`, or the
+    /// deadline; then it leaves the followers.
     fn wait(&self, seen: u64, deadline: Option<Instant>) {
-        let mut posts = self.posts.lock();
-        while *posts == seen {
+        let mut seats = self.seats.lock();
+        while seats.posts == seen {
             match deadline {
                 Some(d) => {
-                    if self.posted.wait_until(&mut posts, d).timed_out() {
-                        return;
+                    if self.posted.wait_until(&mut seats, d).timed_out() {
+                        break;
                     }
                 }
-                None => self.posted.wait(&mut posts),
+                None => self.posted.wait(&mut seats),
             }
         }
+        seats.followers -= 1;
     }
 }
 

@@ -37,10 +37,6 @@ pub(crate) struct Core {
     /// The response of the last synchronous call that did not fit the
     /// caller's buffer.
     pub(crate) kept: Option<Vec<u8>>,
-    /// A thread sleeps on the response ring for everyone.
-    pub(crate) sleeper: bool,
-    /// Threads waiting on the bulletin for the sleeper or a stashed answer.
-    pub(crate) followers: usize,
     /// An answer was stashed for another caller since the flag was cleared.
     pub(crate) stashed: bool,
     /// Async calls waiting (they keep the response ring's poller

@@ -199,6 +199,53 @@ fn a_guard_never_deadlocks_its_own_client_and_timeouts_bound_the_whole_call() {
     assert_eq!(&buf[..5], b"after");
 }
 
+/// Waits until the server holds `n` parked requests.
+fn await_parked(client: &Client, n: u64) {
+    let started = std::time::Instant::now();
+    loop {
+        let mut count = [0u8; 8];
+        client.call(PARKED, &[], &mut count).expect("count parked requests");
+        if u64::from_le_bytes(count) == n {
+            return;
+        }
+        assert!(started.elapsed() < T, "the parked request reached the server");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_sleeping_call_times_out_on_time_while_another_thread_holds_a_response_guard() {
+    let (_server, ep) = start("guard-sleeper");
+    let client = Arc::new(Client::connect(&ep, SERVICE).expect("connect"));
+    // A call the server never answers, sleeping for it with a 500 ms timeout.
+    let (tx, rx) = mpsc::channel();
+    let waiter = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 8];
+            let r = client.call_timeout(
+                PARK,
+                &[std::io::IoSlice::new(b"never")],
+                &mut buf,
+                Some(Duration::from_millis(500)),
+            );
+            tx.send(r.map(drop)).unwrap();
+        })
+    };
+    await_parked(&client, 1);
+    std::thread::sleep(Duration::from_millis(20)); // the waiter is asleep
+                                                   // This thread takes an answer in place and keeps it: the waiter's
+                                                   // timeout still ends its call (it never needs the lock past it).
+    let guard = client.call_in_place(ECHO, &[std::io::IoSlice::new(b"held")], Some(T)).expect("in place");
+    let r = rx.recv_timeout(T).expect("the waiting call returned while the guard is held");
+    assert!(matches!(r, Err(Error::Timeout)), "its own timeout: {r:?}");
+    assert_eq!(&guard[..], b"held");
+    drop(guard);
+    waiter.join().unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(client.call(ECHO, b"after", &mut buf).expect("usable after"), 5);
+}
+
 #[test]
 fn calls_from_several_threads_are_pipelined() {
     let (_server, ep) = start("pipelined");
@@ -214,16 +261,7 @@ fn calls_from_several_threads_are_pipelined() {
     // Once the server holds it, the parked call stays unanswered until
     // RELEASE. Meanwhile calls from other threads are answered at once
     // (each waits for its own answer).
-    let started = std::time::Instant::now();
-    loop {
-        let mut n = [0u8; 8];
-        client.call(PARKED, &[], &mut n).expect("count parked requests");
-        if u64::from_le_bytes(n) == 1 {
-            break;
-        }
-        assert!(started.elapsed() < T, "the parked request reached the server");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    await_parked(&client, 1);
     let answered = Arc::new(AtomicU64::new(0));
     let callers: Vec<_> = (0..3u8)
         .map(|t| {
