@@ -135,6 +135,35 @@ mod tests {
     }
 
     #[test]
+    fn the_dispatch_fd_rings_after_a_blocking_receive_took_the_last_message_of_its_spin() {
+        let (server, mut client) = pair(Limits::default(), RingSizes::default());
+        let server = std::sync::Arc::new(server);
+        let dispatch = client.dispatch();
+        assert!(dispatch.peek_dispatch().unwrap().is_none(), "empty: the fd is armed");
+        // A blocking receive spins with the announcement withdrawn; the
+        // message published meanwhile does not ring.
+        let publisher = {
+            let server = server.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = server.try_dispatch(&[IoSlice::new(b"during the spin")]).unwrap();
+            })
+        };
+        let got = dispatch.peek_dispatch_spin(Duration::from_secs(10)).unwrap().map(<[u8]>::to_vec);
+        assert_eq!(got.as_deref(), Some(&b"during the spin"[..]));
+        publisher.join().unwrap();
+        dispatch.release_dispatch_streaming();
+        // The next message must make the fd readable (a poll-first
+        // application may take over from here).
+        let _ = server.try_dispatch(&[IoSlice::new(b"next")]).unwrap();
+        assert!(
+            crate::eventfd::EventFd::wait_fd(dispatch.dispatch_fd(), Duration::from_secs(5)),
+            "a message after a spun receive rings the fd"
+        );
+        assert_eq!(dispatch.peek_dispatch().unwrap().unwrap(), b"next");
+    }
+
+    #[test]
     fn server_close_wakes_a_blocked_client_at_once() {
         let (server, mut client) = pair(Limits::default(), RingSizes::default());
         let t = std::thread::spawn(move || {

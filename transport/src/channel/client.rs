@@ -38,7 +38,8 @@
 //! ([`ClientDispatch::peek_dispatch_spin`]) withdraws the announcement while
 //! it spins, so that the server pays no eventfd write meanwhile; the half
 //! is then *quiet* (a message published during the spin did not ring) and
-//! the release sets the counter once if messages remain. Released with
+//! the release sets the counter once if messages remain, or announces
+//! again if none do. Released with
 //! [`ClientDispatch::release_dispatch_streaming`], the last message of a
 //! stream leaves the fd as it was — readable — until the next
 //! [`ClientDispatch::peek_dispatch`] finds the ring empty: one spurious
@@ -856,8 +857,17 @@ impl ClientDispatch {
     /// always leaves it readable.
     pub fn release_dispatch_streaming(&mut self) {
         self.release();
-        if self.quiet && matches!(self.ready(), Ok(true)) {
-            self.unquiet();
+        if self.quiet {
+            // The spin withdrew the announcement: messages that land from
+            // now on would not ring, so either set the counter for the ones
+            // there or announce again.
+            match self.ready() {
+                Ok(true) => self.unquiet(),
+                Ok(false) => {
+                    let _ = self.enter_empty();
+                }
+                Err(_) => {} // the next peek reports it
+            }
         }
     }
 
