@@ -148,10 +148,11 @@ impl Core {
                 Want::Seq(seq) => h.seq == seq,
                 Want::AnyTicket => self.outstanding.contains(&h.seq),
             };
-            if hit && self.wanted.contains(&h.seq) {
+            let wanted = self.wanted.contains(&h.seq);
+            if hit && wanted {
                 return Ok(Some((h.seq, Status::from_code(h.id), len)));
             }
-            if self.wanted.contains(&h.seq) {
+            if wanted {
                 let payload = msg[HEADER_LEN..].to_vec();
                 self.arrived.insert(h.seq, (Status::from_code(h.id), payload));
                 self.stashed = true;
@@ -163,7 +164,10 @@ impl Core {
     /// The answer to `seq` if it is there (stashed or next in the ring);
     /// marks it no longer wanted.
     pub(crate) fn find(&mut self, seq: u64) -> Result<Option<Answer>> {
-        if let Some((status, payload)) = self.arrived.remove(&seq) {
+        // Stashes are rare (concurrent callers): no hashing when empty.
+        if let Some((status, payload)) =
+            (!self.arrived.is_empty()).then(|| self.arrived.remove(&seq)).flatten()
+        {
             self.wanted.remove(&seq);
             return Ok(Some(Answer::Stashed(status, payload)));
         }

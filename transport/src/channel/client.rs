@@ -769,25 +769,34 @@ impl ClientDispatch {
     /// `Corrupt` if the server corrupted the ring; `Disconnected` once the
     /// server is gone and the ring is drained.
     pub fn peek_dispatch(&mut self) -> Result<Option<&[u8]>, ChannelError> {
-        if !self.ready()? {
-            // The server's state word alone is not enough: a server killed
-            // with SIGKILL never writes it, and then an empty ring read
-            // "nothing yet" for ever. Its socket hangs up, so check that
-            // too; look at the ring once more after noticing, in case a
-            // message landed just before the server went.
-            if !self.link.peer_alive() {
-                if !self.ready()? {
-                    return Err(self.link.lost());
-                }
-            } else if !self.enter_empty()? {
-                return Ok(None);
-            }
+        // One validated look at the ring in the common case (a message is
+        // there): peek it, then leave the "empty" state if in it.
+        if self.current.peek(&mut self.dispatch)?.is_some() {
+            self.leave_empty();
+            return Ok(self.current.get());
         }
-        // "Holds messages": the counter is set (see the module docs).
+        // The server's state word alone is not enough: a server killed with
+        // SIGKILL never writes it, and then an empty ring read "nothing yet"
+        // for ever. Its socket hangs up, so check that too; look at the ring
+        // once more after noticing, in case a message landed just before
+        // the server went.
+        if !self.link.peer_alive() {
+            if !self.ready()? {
+                return Err(self.link.lost());
+            }
+        } else if !self.enter_empty()? {
+            return Ok(None);
+        }
+        self.leave_empty();
+        self.current.peek(&mut self.dispatch)
+    }
+
+    /// Enters "holds messages": withdraws the announcement; the counter is
+    /// set (see the module docs).
+    fn leave_empty(&mut self) {
         if let Some(a) = self.armed.take() {
             self.dispatch.data_wait().cancel(a);
         }
-        self.current.peek(&mut self.dispatch)
     }
 
     /// The dispatch message last returned by
