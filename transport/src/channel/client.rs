@@ -849,12 +849,13 @@ impl ClientDispatch {
     /// ring is now empty the fd stops being readable.
     pub fn release_dispatch(&mut self) {
         self.release();
-        match self.ready() {
-            Ok(false) => {
-                let _ = self.enter_empty();
-            }
-            Ok(true) => self.unquiet(),
-            Err(_) => {} // the next peek reports it
+        // An unvalidated look is enough here: "maybe more" (padding, or a
+        // corrupt position the next peek reports) at worst leaves the fd
+        // readable once with nothing to take.
+        if self.dispatch.has_data_uncached() {
+            self.unquiet();
+        } else {
+            let _ = self.enter_empty();
         }
     }
 
@@ -870,12 +871,10 @@ impl ClientDispatch {
             // The spin withdrew the announcement: messages that land from
             // now on would not ring, so either set the counter for the ones
             // there or announce again.
-            match self.ready() {
-                Ok(true) => self.unquiet(),
-                Ok(false) => {
-                    let _ = self.enter_empty();
-                }
-                Err(_) => {} // the next peek reports it
+            if self.dispatch.has_data_uncached() {
+                self.unquiet();
+            } else {
+                let _ = self.enter_empty();
             }
         }
     }
